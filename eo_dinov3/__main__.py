@@ -1,0 +1,5 @@
+import sys
+
+from eo_dinov3.cli import main
+
+sys.exit(main())

@@ -155,3 +155,27 @@ dinov3_vith16plus = _constructor("dinov3_vith16plus")
 dinov3_vit7b16 = _constructor("dinov3_vit7b16")
 
 BACKBONES = {name: globals()[name] for name in ARCHS}
+
+
+def dinov3_vitl16_chmv2(
+    *,
+    pretrained: bool = True,
+    weights: str | os.PathLike | None = None,
+    backbone_weights: str | os.PathLike | None = None,
+    check_hash: bool = False,
+    device: torch.device | str | None = None,
+    **kwargs: Any,
+):
+    """CHMv2 canopy-height model (Meta): SAT-493M ViT-L/16 + DPT head, heights in metres
+    (:class:`eo_dinov3.canopy.model.CanopyHeightModel`).
+
+    ``weights``: local official head file ``dinov3_vitl16_chmv2_dpt_head-3703d643.pth`` (then ``backbone_weights``
+    = local ``dinov3_vitl16_pretrain_sat493m-eadcf0ff.pth``), or a local Hugging Face
+    ``facebook/dinov3-vitl16-chmv2-dpt-head`` folder / ``.safetensors`` (backbone included). ``pretrained=False``
+    gives random weights. ``check_hash`` is accepted for signature compatibility with the official hub."""
+    del check_hash
+    from eo_dinov3.canopy.model import build_chmv2
+
+    return build_chmv2(
+        pretrained=pretrained, weights=weights, backbone_weights=backbone_weights, device=device, **kwargs
+    )

@@ -37,5 +37,8 @@ def test_demo_config_is_the_default_of_the_entry_script():
     spec = importlib.util.spec_from_file_location("pretrain_script", REPO_ROOT / "sat_training" / "pretrain.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    assert mod.DEFAULT_CONFIG.name == "demo_cpu.yaml"
-    assert mod.parse_args([]).config.endswith("demo_cpu.yaml")
+    assert mod.DEMO_CONFIG.name == "demo_cpu.yaml"
+    from eo_dinov3.cli import build_parser
+
+    args = build_parser().parse_args(["pretrain"])
+    assert args.config.endswith("demo_cpu.yaml") and args.overrides == []

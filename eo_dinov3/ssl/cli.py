@@ -1,0 +1,82 @@
+"""``eo-dinov3 pretrain`` (same as ``python sat_training/pretrain.py``): DINOv3 pretraining on satellite tiles."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from eo_dinov3.errors import EODinoError
+
+DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "pretrain" / "demo_cpu.yaml"
+
+DESCRIPTION = (
+    "DINOv3 pretraining (DINO/Sinkhorn-Knopp + iBOT + KoLeo, EMA teacher, multi-crop, optional Gram anchoring) on "
+    "satellite tiles. Without arguments: the CPU demo config on the sample tiles (eo-dinov3 samples fetch)."
+)
+EPILOG = (
+    "Overrides: key=value pairs (keys of eo_dinov3/ssl/default_config.yaml), e.g. optim.lr=5e-4 "
+    "train.batch_size_per_gpu=32 data.path=/data/tiles. Scale out: torchrun --nproc_per_node 8 "
+    "sat_training/pretrain.py --config ... [train.sharding=fsdp]. Runs resume from the newest checkpoint in "
+    "run.output_dir unless --no-resume."
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=str(DEMO_CONFIG), help="YAML config (default: the CPU demo, %(default)s)")
+    p.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints in run.output_dir")
+    p.add_argument("--output-dir", help="shortcut for run.output_dir=...")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (metrics still go to metrics.jsonl)")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+
+
+def run(args: argparse.Namespace) -> int:
+    from eo_dinov3.ssl.config import load_config
+    from eo_dinov3.ssl.trainer import train
+
+    overrides = list(args.overrides)
+    if args.no_resume:
+        overrides.append("checkpointing.resume=never")
+    if args.output_dir:
+        overrides.append(f"run.output_dir={args.output_dir}")
+    cfg = load_config(args.config, overrides)
+    if cfg.data.path is None:
+        if Path(args.config).resolve() != DEMO_CONFIG:
+            raise EODinoError("data.path is not set: pass data.path=<folder of tiles | manifest.parquet | scenes>")
+        from eo_dinov3.data.samples import sample_path
+
+        cfg.data.path = str(sample_path("tiles").parent)
+    result = train(cfg, progress=not args.no_progress)
+    out = result.output_dir
+    print(f"finished at iteration {result.iteration} ({result.skipped_steps} non-finite steps skipped)")
+    print(f"  run folder:       {out.resolve()}")
+    print(f"  checkpoint:       {result.last_checkpoint}")
+    print(f"  teacher backbone: {result.teacher_export}  (load: eo_dinov3.checkpoints.load_backbone(path))")
+    if result.pca_pictures:
+        print(f"  PCA pictures:     {result.pca_pictures[0]} ... {result.pca_pictures[-1]}")
+    print(f"  metrics:          {out / 'metrics.jsonl'}  (tensorboard --logdir {out / 'tb'})")
+    if result.collapse_warnings:
+        print(f"  collapse warnings: {len(result.collapse_warnings)} (first: {result.collapse_warnings[0]})")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("pretrain", help="DINOv3 self-supervised pretraining", description=DESCRIPTION,
+                              epilog=EPILOG)
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="pretrain.py", description=DESCRIPTION, epilog=EPILOG)
+    add_arguments(p)
+    args = p.parse_args(argv)
+    try:
+        return run(args)
+    except EODinoError as e:
+        print(f"pretrain: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

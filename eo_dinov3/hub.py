@@ -179,3 +179,49 @@ def dinov3_vitl16_chmv2(
     return build_chmv2(
         pretrained=pretrained, weights=weights, backbone_weights=backbone_weights, device=device, **kwargs
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ConvNeXt backbones (official dinov3/hub/backbones.py names; LVD-1689M weights only)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _convnext_constructor(size: str):
+    def fn(
+        *,
+        pretrained: bool = True,
+        weights: str | os.PathLike | None = None,
+        check_hash: bool = False,
+        device: torch.device | str | None = None,
+        **kwargs: Any,
+    ):
+        from eo_dinov3.errors import CheckpointError
+        from eo_dinov3.models.convnext import CONVNEXT_HASHES, ConvNeXt, convnext_config, load_convnext
+
+        del check_hash
+        kwargs.pop("hash", None)
+        if pretrained and weights is not None:
+            return load_convnext(weights, size=size, device=device, **kwargs)
+        if pretrained:
+            raise CheckpointError(
+                f"dinov3_convnext_{size}: pretrained=True needs weights=<local checkpoint path> (eo_dinov3 never "
+                f"downloads; Meta's file is named dinov3_convnext_{size}_pretrain_lvd1689m-{CONVNEXT_HASHES[size]}"
+                ".pth); use pretrained=False for a randomly initialised model"
+            )
+        return ConvNeXt(convnext_config(size, **kwargs), device=device)
+
+    fn.__name__ = fn.__qualname__ = f"dinov3_convnext_{size}"
+    fn.__doc__ = (
+        f"DINOv3 ConvNeXt-{size.capitalize()} (:class:`eo_dinov3.models.convnext.ConvNeXt`, official layout).\n\n"
+        "``weights``: local official hub ``.pth``, training export or ``save_convnext`` file, or 'LVD1689M' (looked\n"
+        "up by the official file name in $DINOV3_WEIGHTS_DIR and the torch hub cache); ``pretrained=False`` gives\n"
+        "the official random initialisation. Extra keyword arguments override the config (``in_chans``,\n"
+        "``drop_path_rate``, ``patch_size`` …)."
+    )
+    return fn
+
+
+dinov3_convnext_tiny = _convnext_constructor("tiny")
+dinov3_convnext_small = _convnext_constructor("small")
+dinov3_convnext_base = _convnext_constructor("base")
+dinov3_convnext_large = _convnext_constructor("large")

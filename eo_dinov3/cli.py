@@ -15,8 +15,13 @@ import sys
 from eo_dinov3.errors import EODinoError
 
 _COMMAND_MODULES: list[str] = [
+    "eo_dinov3.canopy.cli",
     "eo_dinov3.data.samples",
     "eo_dinov3.checkpoints",
+    "eo_dinov3.evaluation.cli",
+    "eo_dinov3.data.prepare",
+    "eo_dinov3.data.curation.cli",
+    "eo_dinov3.ssl.cli",
 ]
 
 

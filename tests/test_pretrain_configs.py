@@ -18,7 +18,7 @@ def test_config_loads_and_builds(path):
     vit = student_backbone_config(cfg)
     assert vit.embed_dim % vit.num_heads == 0
     text = path.read_text()
-    if path.name != "demo_cpu.yaml":
+    if "demo" not in path.name:
         assert "Minimum global batch" in text, "at-scale configs must state the batch they were meant for"
 
 

@@ -23,7 +23,8 @@ EPILOG = (
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=str(DEMO_CONFIG), help="YAML config (default: the CPU demo, %(default)s)")
+    p.add_argument("--config", default=str(DEMO_CONFIG),
+                   help="YAML config (default: the CPU demo, %(default)s; *demo_cpu.yaml configs use the sample tiles)")
     p.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints in run.output_dir")
     p.add_argument("--output-dir", help="shortcut for run.output_dir=...")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (metrics still go to metrics.jsonl)")
@@ -41,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"run.output_dir={args.output_dir}")
     cfg = load_config(args.config, overrides)
     if cfg.data.path is None:
-        if Path(args.config).resolve() != DEMO_CONFIG:
+        if not Path(args.config).name.endswith("demo_cpu.yaml"):
             raise EODinoError("data.path is not set: pass data.path=<folder of tiles | manifest.parquet | scenes>")
         from eo_dinov3.data.samples import sample_path
 
@@ -60,11 +61,42 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_pca(args: argparse.Namespace) -> int:
+    """PCA picture of a backbone's patch features on one GeoTIFF/PNG (any size: features at 1024 px and beyond)."""
+    import torch
+
+    from eo_dinov3.checkpoints import load_backbone
+    from eo_dinov3.data.normalization import normalize
+    from eo_dinov3.data.raster_io import open_raster
+    from eo_dinov3.ssl.monitors import save_pca_picture
+
+    backbone = load_backbone(args.weights).eval()
+    with open_raster(args.image) as src:
+        if src.count < 3:
+            raise EODinoError(f"{args.image}: needs 3 bands (RGB), has {src.count}")
+        data = src.read([1, 2, 3], out_shape=(3, args.size, args.size)) if args.size else src.read([1, 2, 3])
+    x = torch.from_numpy(data).float() / (255.0 if data.dtype.name == "uint8" else float(data.max() or 1))
+    path = save_pca_picture(backbone, normalize(x, args.normalization), args.out,
+                            title=f"{args.weights} on {args.image} ({x.shape[-2]}x{x.shape[-1]} px)")
+    print(f"wrote {path}")
+    return 0
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("pretrain", help="DINOv3 self-supervised pretraining", description=DESCRIPTION,
                               epilog=EPILOG)
     add_arguments(p)
     p.set_defaults(func=run)
+    q = subparsers.add_parser(
+        "pca", help="PCA picture of patch features on an image",
+        description="Run a backbone (any checkpoint load_backbone reads) on an RGB raster, resized to --size px, "
+        "and save the image beside the first three PCA components of its patch features (PNG).")
+    q.add_argument("weights", help="backbone checkpoint (official/timm/HF/ours, e.g. runs/demo_cpu/eval/.../teacher_backbone.pth)")
+    q.add_argument("image", help="RGB GeoTIFF/PNG")
+    q.add_argument("--size", type=int, default=1024, help="resize the image to SIZE x SIZE px first (default 1024; 0 = keep)")
+    q.add_argument("--normalization", default="sat493m", help="normalisation preset (default sat493m)")
+    q.add_argument("--out", default="pca.png", help="output PNG (default pca.png)")
+    q.set_defaults(func=run_pca)
 
 
 def main(argv=None) -> int:

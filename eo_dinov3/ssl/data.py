@@ -25,7 +25,7 @@ from eo_dinov3.ssl.masking import MaskingGenerator
 
 
 # independent random streams (first key after the run seed)
-EPOCH_STREAM, AUG_STREAM, MASK_STREAM, STEP_STREAM = 11, 12, 13, 14
+EPOCH_STREAM, AUG_STREAM, MASK_STREAM, STEP_STREAM, RESOLUTION_STREAM = 11, 12, 13, 14, 15
 
 
 class StreamSampler(Sampler):
@@ -65,13 +65,33 @@ class StreamSampler(Sampler):
             step += 1
 
 
+def resolution_choice(seed: int, step: int, probabilities: Sequence[float]) -> int:
+    """Index of the (global, local, Gram) crop-size triple used at optimiser step ``step``: drawn from
+    ``probabilities`` with an RNG seeded by ``(seed, step)`` only, so every rank and every DataLoader worker picks
+    the same triple for the whole global batch (the official high-res phase uses one fixed-seed RNG for this)."""
+    if len(probabilities) == 1:
+        return 0
+    g = torch.Generator().manual_seed(derive_seed(seed, RESOLUTION_STREAM, step))
+    return int(torch.multinomial(torch.tensor(probabilities, dtype=torch.float64), 1, generator=g))
+
+
 class AugmentedTiles(Dataset):
     """Wraps a tile dataset (item = ``(image [C,H,W], sample_id)``) with the multi-crop augmentation, seeded per
     stream position. Items are ``(crops_dict, (sample_id, position))``; unreadable tiles were already skipped by the
-    underlying dataset."""
+    underlying dataset.
 
-    def __init__(self, tiles: Dataset, augmentation: Callable[..., dict], seed: int):
-        self.tiles, self.augmentation, self.seed = tiles, augmentation, seed
+    ``augmentation`` is one callable, or a list of them (one per resolution triple) with ``probabilities`` and the
+    ``global_batch`` size: position ``p`` belongs to step ``p // global_batch`` whose triple is
+    :func:`resolution_choice` (high-resolution adaptation)."""
+
+    def __init__(self, tiles: Dataset, augmentation: Callable[..., dict] | Sequence[Callable[..., dict]], seed: int,
+                 *, probabilities: Sequence[float] | None = None, global_batch: int = 1):
+        self.tiles, self.seed = tiles, seed
+        self.augmentations = list(augmentation) if isinstance(augmentation, (list, tuple)) else [augmentation]
+        self.probabilities = list(probabilities) if probabilities is not None else [1.0] * len(self.augmentations)
+        if len(self.probabilities) != len(self.augmentations):
+            raise ValueError("one probability per resolution triple is needed")
+        self.global_batch = global_batch
 
     def __len__(self) -> int:
         return len(self.tiles)
@@ -79,8 +99,9 @@ class AugmentedTiles(Dataset):
     def __getitem__(self, key: tuple[int, int]):
         index, position = key
         image, sample_id = self.tiles[index]
+        choice = resolution_choice(self.seed, position // self.global_batch, self.probabilities)
         g = torch.Generator().manual_seed(derive_seed(self.seed, AUG_STREAM, position))
-        return self.augmentation(image, generator=g), (str(sample_id), int(position))
+        return self.augmentations[choice](image, generator=g), (str(sample_id), int(position))
 
 
 class SSLCollate:
@@ -89,18 +110,20 @@ class SSLCollate:
     Samples are ``(crops_dict, (sample_id, key))`` where ``key`` is the stream position (or any per-sample
     integer that is a pure function of the data order, e.g. the augmentation seed)."""
 
-    def __init__(self, *, seed: int, n_tokens: int, grid: tuple[int, int], mask_ratio_tuple: Sequence[float],
-                 mask_probability: float, mask_group_size: int | None = None, dtype: torch.dtype = torch.float32,
-                 max_num_patches: float | None = None):
-        self.seed, self.n_tokens = seed, n_tokens
+    def __init__(self, *, seed: int, mask_ratio_tuple: Sequence[float], mask_probability: float,
+                 mask_group_size: int | None = None, dtype: torch.dtype = torch.float32, patch_size: int = 16):
+        self.seed = seed
         self.mask_ratio_tuple = tuple(mask_ratio_tuple)
         self.mask_probability = mask_probability
         self.group = mask_group_size
         self.dtype = dtype
-        self.grid = grid
-        self.max_num_patches = max_num_patches if max_num_patches is not None else 0.5 * n_tokens
+        self.patch_size = patch_size
 
     def __call__(self, samples: list) -> dict[str, Any]:
+        size = samples[0][0]["global_crops"][0].shape[-1]  # the global crop side (may vary per step: high-res)
+        side = size // self.patch_size
+        grid, n_tokens = (side, side), side * side
+        max_num_patches = 0.5 * size // self.patch_size * size // self.patch_size  # official expression
         group = self.group or len(samples)
         if len(samples) % group:
             raise ValueError(f"batch of {len(samples)} is not a multiple of ibot.mask_group_size={group}")
@@ -109,14 +132,14 @@ class SSLCollate:
             chunk = samples[start : start + group]
             s = derive_seed(self.seed, MASK_STREAM, chunk[0][1][1])
             rng, np_rng = random.Random(s), np.random.RandomState(s % (2**32))
-            generator = MaskingGenerator(self.grid, max_num_patches=self.max_num_patches, rng=rng, np_rng=np_rng)
+            generator = MaskingGenerator(grid, max_num_patches=max_num_patches, rng=rng, np_rng=np_rng)
             parts.append(
                 collate_data_and_cast(
                     [(c[0], None) for c in chunk],
                     mask_ratio_tuple=self.mask_ratio_tuple,
                     mask_probability=self.mask_probability,
                     dtype=self.dtype,
-                    n_tokens=self.n_tokens,
+                    n_tokens=n_tokens,
                     mask_generator=generator,
                     rng=rng,
                 )

@@ -27,15 +27,17 @@ from eo_dinov3.ssl.data import AugmentedTiles, SSLCollate, StreamSampler
 from eo_dinov3.ssl.distributed import DistInfo
 
 
-def build_augmentation(cfg: DictConfig) -> DataAugmentationDINO:
+def build_augmentation(cfg: DictConfig, sizes: tuple[int, int, int | None] | None = None) -> DataAugmentationDINO:
+    """The multi-crop augmentation of ``cfg.crops``; ``sizes`` = (global, local, Gram) overrides the crop sizes."""
     c = cfg.crops
+    g, l, gram = sizes if sizes is not None else (c.global_crops_size, c.local_crops_size, c.gram_teacher_crops_size)
     return DataAugmentationDINO(
         global_crops_scale=tuple(c.global_crops_scale),
         local_crops_scale=tuple(c.local_crops_scale),
         local_crops_number=int(c.local_crops_number),
-        global_crops_size=int(c.global_crops_size),
-        local_crops_size=int(c.local_crops_size),
-        gram_teacher_crops_size=c.gram_teacher_crops_size,
+        global_crops_size=int(g),
+        local_crops_size=int(l),
+        gram_teacher_crops_size=int(gram) if gram else None,
         gram_teacher_no_distortions=bool(c.gram_teacher_no_distortions),
         horizontal_flips=bool(c.horizontal_flips),
         normalization=str(c.normalization),
@@ -43,18 +45,24 @@ def build_augmentation(cfg: DictConfig) -> DataAugmentationDINO:
     )
 
 
+def build_augmentations(cfg: DictConfig) -> tuple[list[DataAugmentationDINO], list[float]]:
+    """One augmentation per (global, local, Gram) size triple of ``crops.resolution_triples`` (high-resolution
+    adaptation) with ``crops.resolution_probabilities``; a single one from the crop sizes otherwise."""
+    triples = cfg.crops.get("resolution_triples")
+    if not triples:
+        return [build_augmentation(cfg)], [1.0]
+    probs = list(cfg.crops.get("resolution_probabilities") or [1.0] * len(triples))
+    if len(probs) != len(triples):
+        raise ConfigError("crops.resolution_probabilities needs one value per crops.resolution_triples entry")
+    return [build_augmentation(cfg, tuple(t)) for t in triples], [float(p) for p in probs]
+
+
 def build_collate(cfg: DictConfig, seed: int) -> SSLCollate:
-    size, p = int(cfg.crops.global_crops_size), 16
-    grid = (size // p, size // p)
-    n_tokens = grid[0] * grid[1]
     return SSLCollate(
         seed=seed,
-        n_tokens=n_tokens,
-        grid=grid,
         mask_ratio_tuple=tuple(cfg.ibot.mask_ratio_min_max),
         mask_probability=float(cfg.ibot.mask_sample_probability),
         mask_group_size=cfg.ibot.mask_group_size,
-        max_num_patches=0.5 * size // p * size // p,  # official expression (operator precedence kept)
     )
 
 
@@ -113,7 +121,8 @@ def build_batch_stream(cfg: DictConfig, dist: DistInfo, start_step: int = 0
     seed = int(cfg.run.seed)
     B = int(cfg.train.batch_size_per_gpu)
     workers = int(cfg.train.num_workers)
-    aug = build_augmentation(cfg)
+    augs, probs = build_augmentations(cfg)
+    aug = augs[0]
     collate = build_collate(cfg, seed)
     skip_dir = Path(cfg.run.output_dir) / "skipped_inputs"
     if dist.is_main and start_step == 0 and skip_dir.is_dir():
@@ -121,6 +130,9 @@ def build_batch_stream(cfg: DictConfig, dist: DistInfo, start_step: int = 0
             f.unlink()
     if cfg.data.kind == "manifest":
         from eo_dinov3.data.tiles import ManifestTileDataset
+
+        if len(augs) > 1:
+            raise ConfigError("crops.resolution_triples (high-res phase) needs data.kind=folder or scene")
 
         def transform(image, generator):
             out = aug(image, generator=generator)
@@ -141,6 +153,7 @@ def build_batch_stream(cfg: DictConfig, dist: DistInfo, start_step: int = 0
     tiles_ds = build_tile_dataset(cfg, skip_dir)
     sampler = StreamSampler(len(tiles_ds), B, rank=dist.rank, world_size=dist.world_size, seed=seed,
                             start_step=start_step)
-    loader = DataLoader(AugmentedTiles(tiles_ds, aug, seed), batch_size=B, sampler=sampler, num_workers=workers,
+    tiles = AugmentedTiles(tiles_ds, augs, seed, probabilities=probs, global_batch=B * dist.world_size)
+    loader = DataLoader(tiles, batch_size=B, sampler=sampler, num_workers=workers,
                         collate_fn=collate, persistent_workers=workers > 0, drop_last=True)
     return iter(loader), _pca_image(tiles_ds, cfg), lambda: summarize_skipped(skip_dir)

@@ -68,6 +68,7 @@ class TrainResult:
     teacher_export: Path | None = None
     pca_pictures: list[Path] = field(default_factory=list)
     collapse_warnings: list[str] = field(default_factory=list)
+    dense_probe: list[dict] = field(default_factory=list)
 
 
 class _SignalFlag:
@@ -336,6 +337,24 @@ class Trainer:
         if self.dist.is_main:
             print(f"[eo_dinov3] {msg}", file=sys.stderr, flush=True)
 
+    def _dense_probe(self, writer, metrics_file) -> None:
+        """Tree-crown presence probe on the teacher's patch features (NEON samples): the dense-feature monitor."""
+        from eo_dinov3.evaluation.crown_probe import crown_probe
+
+        r = crown_probe(self.model.teacher["backbone"], normalization=str(self.cfg.crops.normalization),
+                        device=self.device, seed=int(self.cfg.run.seed))
+        rec = {"iteration": self.iteration, "probe/crown_auc": r["auc"],
+               "probe/crown_balanced_accuracy": r["balanced_accuracy"]}
+        self.result.dense_probe.append(rec)
+        if metrics_file is not None:
+            with open(self.out / "dense_probe.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        if writer is not None:
+            writer.add_scalar("probe/crown_auc", r["auc"], self.iteration)
+            writer.add_scalar("probe/crown_balanced_accuracy", r["balanced_accuracy"], self.iteration)
+        self._log_line(f"dense probe at iteration {self.iteration}: crown AUC {r['auc']:.3f}, "
+                       f"balanced accuracy {r['balanced_accuracy']:.3f}")
+
     def _pca_picture(self) -> None:
         image = getattr(self, "pca_image", None)
         if image is None:
@@ -366,8 +385,10 @@ class Trainer:
             save_config(cfg, self.out / "config.yaml")
         resumed = self.resume()
         if not resumed:
-            if cfg.model.init_from:
-                self.init_from(str(cfg.model.init_from))
+            if cfg.model.init_from and cfg.phase.init_from:
+                raise ConfigError("set either model.init_from or phase.init_from, not both")
+            if cfg.model.init_from or cfg.phase.init_from:
+                self.init_from(str(cfg.model.init_from or cfg.phase.init_from))
             self._gram_init()
         stream = batches or self._external_batches
         if stream is None:
@@ -397,6 +418,9 @@ class Trainer:
         self.model.train()
         if self.iteration == 0 and self.dist.is_main and self.cfg.evaluation.pca_every_checkpoint:
             self._pca_picture()  # "before" picture (random init)
+        probe_every = cfg.evaluation.dense_probe_every
+        if probe_every and self.dist.is_main and self.iteration == 0:
+            self._dense_probe(writer, metrics_file)
         try:
             with _SignalFlag() as sig:
                 while self.iteration < self.stop_iteration:
@@ -431,6 +455,7 @@ class Trainer:
                     ips = B * self.dist.world_size / max(now - t_last, 1e-9)
                     t_last = now
                     rec = self._metrics(it, loss, out, norms, s, ips, finite)
+                    rec["crops/global_px"] = int(data["collated_global_crops"].shape[-1])
                     if metrics_file is not None:
                         metrics_file.write(json.dumps(rec) + "\n")
                         metrics_file.flush()
@@ -449,6 +474,8 @@ class Trainer:
                     due = self.iteration % period == 0 and self.consecutive_nonfinite == 0
                     if due or self.iteration == self.stop_iteration:
                         self.save_checkpoint()
+                    if probe_every and self.dist.is_main and self.iteration % int(probe_every) == 0:
+                        self._dense_probe(writer, metrics_file)
                     if sig.received is not None:
                         self._log_line(f"signal {sig.received} received: checkpoint saved at iteration {self.iteration}, exiting")
                         if self.iteration % period != 0 and self.iteration != self.stop_iteration:
@@ -474,6 +501,7 @@ class Trainer:
                 "pca_pictures": [str(p) for p in self.result.pca_pictures],
                 "collapse_warnings": self.result.collapse_warnings,
                 "skipped_inputs": getattr(self, "dataset_stats", lambda: {})(),
+                "dense_probe": self.result.dense_probe,
             }
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         return self.result

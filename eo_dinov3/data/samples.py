@@ -128,6 +128,14 @@ DEEPFOREST = _Distribution(
     sdist=False,
     licence="MIT",
 )
+DJANGO_LEAFLET = _Distribution(
+    name="django-leaflet",
+    version="0.34.0",
+    filename="django_leaflet-0.34.0-py3-none-any.whl",
+    sha256="367f74c63709c1b466b740e0e7bd50cdc0d76f08cab2d6566af1559818d79cc2",
+    sdist=False,
+    licence="LGPL-3.0 (django-leaflet); Leaflet BSD-2-Clause; Leaflet.draw MIT",
+)
 LASPY = _Distribution(
     name="laspy",
     version="2.7.0",
@@ -160,6 +168,40 @@ AUTZEN_LAZ = _Member(LASPY, "laspy-2.7.0/tests/data/autzen_trim.laz",
                      "75867b3e75cfc3c2e96da9f753c04c9fbaa6a59468dea13e2859f3109b38bd66")
 LASPY_LICENSE = _Member(LASPY, "laspy-2.7.0/LICENSE.txt",
                         "586e5e4d12f36050240d2702abcd3319593f13841440920244f95f15cb83eb63")
+
+# Leaflet 1.9.3 and Leaflet.draw 1.0.4 as shipped in the django-leaflet wheel: the Streamlit app inlines them so its
+# map draws with no internet (folium/streamlit-folium would load them from a CDN).
+_LF = "leaflet/static/leaflet/"
+LEAFLET_MEMBERS = {
+    "leaflet/leaflet.js": _Member(DJANGO_LEAFLET, _LF + "leaflet.js",
+                                  "5819285cec137b229c94e1ee5ad73e8b6b84345a4367d60f75fe477fe0fb7b03"),
+    "leaflet/leaflet.css": _Member(DJANGO_LEAFLET, _LF + "leaflet.css",
+                                   "90b693d86392a4779c861b28cf307e7e59c3fb35328c4d8b95f58f814d38c722"),
+    "leaflet/images/layers-2x.png": _Member(DJANGO_LEAFLET, _LF + "images/layers-2x.png",
+                                            "066daca850d8ffbef007af00b06eac0015728dee279c51f3cb6c716df7c42edf"),
+    "leaflet/images/layers.png": _Member(DJANGO_LEAFLET, _LF + "images/layers.png",
+                                         "1dbbe9d028e292f36fcba8f8b3a28d5e8932754fc2215b9ac69e4cdecf5107c6"),
+    "leaflet/images/marker-icon-2x.png": _Member(DJANGO_LEAFLET, _LF + "images/marker-icon-2x.png",
+                                                 "00179c4c1ee830d3a108412ae0d294f55776cfeb085c60129a39aa6fc4ae2528"),
+    "leaflet/images/marker-icon.png": _Member(DJANGO_LEAFLET, _LF + "images/marker-icon.png",
+                                              "574c3a5cca85f4114085b6841596d62f00d7c892c7b03f28cbfa301deb1dc437"),
+    "leaflet/images/marker-shadow.png": _Member(DJANGO_LEAFLET, _LF + "images/marker-shadow.png",
+                                                "264f5c640339f042dd729062cfc04c17f8ea0f29882b538e3848ed8f10edb4da"),
+    "leaflet-draw/leaflet.draw.js": _Member(DJANGO_LEAFLET, _LF + "draw/leaflet.draw.js",
+                                            "b22a1f7385308e5adadd85a4c2d84e9fc523ebd70d37868cba0fe2387362460b"),
+    "leaflet-draw/leaflet.draw.css": _Member(DJANGO_LEAFLET, _LF + "draw/leaflet.draw.css",
+                                             "5f30f74696873efee5cd7f6ab7eda7d63e5c5a3e3c3b6e0ab2068662928df31f"),
+    "leaflet-draw/images/spritesheet-2x.png": _Member(DJANGO_LEAFLET, _LF + "draw/images/spritesheet-2x.png",
+                                                      "fa2c95e0610f3787c879645e42b86ad010c305f8312e116841730d00d4ab72b7"),
+    "leaflet-draw/images/spritesheet.png": _Member(DJANGO_LEAFLET, _LF + "draw/images/spritesheet.png",
+                                                   "a8978a1d3d21d8ee6f16cce342ff67fc47c4241f52161f05baf88f15e1058199"),
+    "leaflet-draw/images/spritesheet.svg": _Member(DJANGO_LEAFLET, _LF + "draw/images/spritesheet.svg",
+                                                   "7077bae968047180921324df351d95fe2f021cdaefa01e20645162402f767da4"),
+}
+DJANGO_LEAFLET_LICENSE = _Member(DJANGO_LEAFLET, "django_leaflet-0.34.0.dist-info/licenses/LICENSE",
+                                 "da7eabb7bafdf7d3ae5e9f223aa5bdc1eece45ac569dc21b3b037520b4464768")
+#: folder (under the samples root) holding the app's offline map assets, laid out as ``leaflet/``, ``leaflet-draw/``
+APP_STATIC_DIR = "app_static"
 
 NEON_LICENCE = (
     "NEON AOP data: CC0-1.0 per the NEON data usage policy (not stated inside the wheel; NEON announced a move "
@@ -767,6 +809,17 @@ def _catalogue() -> tuple[_Product, ...]:
                  _source_text(LASPY_LICENSE), "BSD-2-Clause", (LASPY_LICENSE,),
                  partial(_build_copy, member=LASPY_LICENSE)),
     ]
+    products += [
+        _Product("app_static_" + rel.replace("/", "_").replace(".", "_").replace("-", "_"), f"{APP_STATIC_DIR}/{rel}",
+                 f"Offline map asset for the Streamlit app: {rel}", _source_text(member),
+                 "BSD-2-Clause (Leaflet) / MIT (Leaflet.draw)", (member,), partial(_build_copy, member=member))
+        for rel, member in LEAFLET_MEMBERS.items()
+    ]
+    products.append(
+        _Product("licence_django_leaflet", "licenses/django-leaflet-0.34.0-LICENSE",
+                 "Licence file of the django-leaflet wheel (the Leaflet assets keep their own BSD-2/MIT licences).",
+                 _source_text(DJANGO_LEAFLET_LICENSE), "LGPL-3.0", (DJANGO_LEAFLET_LICENSE,),
+                 partial(_build_copy, member=DJANGO_LEAFLET_LICENSE)))
     keys = [p.key for p in products]
     assert len(keys) == len(set(keys)), "duplicate sample keys"
     return tuple(products)

@@ -10,8 +10,28 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as _module
 
-from eo_dinov3.models.rope import apply_rope
+from eo_dinov3.models.rope import apply_rope_to_patches
+
+
+def _inplace_ok(*modules: nn.Module) -> bool:
+    """Fresh activations may be updated in place (inference speed-up, same numbers) when autograd records nothing
+    (``inference_mode``/``no_grad``) and no forward hook on ``modules`` (or a global one) could hold a reference to
+    an activation that would change, or expect a module that the in-place path does not call."""
+    if torch.is_grad_enabled() or _module._global_forward_hooks or _module._global_forward_pre_hooks:
+        return False
+    return not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
+def _mul_(a: Tensor, b: Tensor) -> Tensor:
+    """``a * b``, written into ``a`` when ``a``'s dtype is the result dtype (a fresh tensor we own)."""
+    return a.mul_(b) if torch.result_type(a, b) == a.dtype else a * b
+
+
+def _add_(a: Tensor, b: Tensor) -> Tensor:
+    """``a + b``, written into ``a`` when ``a``'s dtype is the result dtype (a fresh tensor we own)."""
+    return a.add_(b) if torch.result_type(a, b) == a.dtype else a + b
 
 
 class PatchEmbed(nn.Module):
@@ -87,24 +107,18 @@ class SelfAttention(nn.Module):
         """``x [B, N, D]``; ``rope = (sin, cos)`` each ``[P, D_h]`` for the last ``P`` tokens."""
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # [B, h, N, D_h]
-        if rope is not None:
-            q, k = self._rope(q, k, rope)
+        if rope is None:
+            q, k, v = qkv.unbind(0)  # [B, h, N, D_h]
+        else:  # q and k rotated in one pass into one new [2, B, h, N, D_h] tensor
+            q, k = apply_rope_to_patches(qkv[:2], *rope).unbind(0)
+            v = qkv[2]
         x = F.scaled_dot_product_attention(q, k, v)
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
     @staticmethod
     def _rope(q: Tensor, k: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-        sin, cos = rope
-        dtype = q.dtype
-        rdtype = sin.dtype
-        P = sin.shape[-2]
-        prefix = q.shape[-2] - P
-        q_pre, q_pat = q[:, :, :prefix], q[:, :, prefix:]
-        k_pre, k_pat = k[:, :, :prefix], k[:, :, prefix:]
-        q_pat = apply_rope(q_pat.to(rdtype), sin, cos).to(dtype)
-        k_pat = apply_rope(k_pat.to(rdtype), sin, cos).to(dtype)
-        return torch.cat((q_pre, q_pat), dim=-2), torch.cat((k_pre, k_pat), dim=-2)
+        """RoPE on the last ``P`` tokens of ``q``/``k`` ``[B, h, N, D_h]`` (prefix tokens unchanged)."""
+        return apply_rope_to_patches(q, *rope), apply_rope_to_patches(k, *rope)
 
 
 class Mlp(nn.Module):
@@ -117,7 +131,12 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden_features, in_features, bias=bias, device=device)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        h = self.fc1(x)
+        if type(self.act) is nn.GELU and _inplace_ok(self.fc1, self.act):  # same kernel, no second [B, N, 4D]
+            h = torch.ops.aten.gelu_(h, approximate=self.act.approximate)
+        else:
+            h = self.act(h)
+        return self.fc2(h)
 
 
 def swiglu_hidden_dim(dim: int, ffn_ratio: float, align_to: int = 8) -> int:
@@ -137,6 +156,9 @@ class SwiGLUFFN(nn.Module):
         self.w3 = nn.Linear(hidden_features, in_features, bias=bias, device=device)
 
     def forward(self, x: Tensor) -> Tensor:
+        if _inplace_ok(self.w1):
+            h = F.silu(self.w1(x), inplace=True)
+            return self.w3(_mul_(h, self.w2(x)))
         return self.w3(F.silu(self.w1(x)) * self.w2(x))
 
 
@@ -220,20 +242,30 @@ class SelfAttentionBlock(nn.Module):
         self.ls2 = LayerScale(dim, init_values, device=device) if init_values else nn.Identity()
         self.sample_drop_ratio = drop_path
 
-    def _attn_branch(self, x: Tensor, rope) -> Tensor:
-        return self.ls1(self.attn(self.norm1(x), rope=rope))
+    @staticmethod
+    def _scale(ls: nn.Module, y: Tensor, inplace: bool) -> Tensor:
+        if inplace and type(ls) is LayerScale:
+            return _mul_(y, ls.gamma)
+        return ls(y)
 
-    def _ffn_branch(self, x: Tensor) -> Tensor:
-        return self.ls2(self.mlp(self.norm2(x)))
+    def _attn_branch(self, x: Tensor, rope, inplace: bool = False) -> Tensor:
+        return self._scale(self.ls1, self.attn(self.norm1(x), rope=rope), inplace)
+
+    def _ffn_branch(self, x: Tensor, inplace: bool = False) -> Tensor:
+        return self._scale(self.ls2, self.mlp(self.norm2(x)), inplace)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """``x [B, N, D]`` -> ``[B, N, D]``."""
+        inplace = _inplace_ok(*self.modules())
         if self.training and self.sample_drop_ratio > 0.0:
             b = x.shape[0]
             s = max(int(b * (1 - self.sample_drop_ratio)), 1)
             idx1 = torch.randperm(b, device=x.device)[:s]
-            x = torch.index_add(x, 0, idx1, self._attn_branch(x[idx1], rope), alpha=b / s)
+            x = torch.index_add(x, 0, idx1, self._attn_branch(x[idx1], rope, inplace), alpha=b / s)
             idx2 = torch.randperm(b, device=x.device)[:s]
-            return torch.index_add(x, 0, idx2, self._ffn_branch(x[idx2]), alpha=b / s)
+            return torch.index_add(x, 0, idx2, self._ffn_branch(x[idx2], inplace), alpha=b / s)
+        if inplace:  # same sums (IEEE addition commutes), accumulated into the fresh branch output
+            x = _add_(self._attn_branch(x, rope, True), x)
+            return _add_(x, self._ffn_branch(x, True))
         x = x + self._attn_branch(x, rope)
         return x + self._ffn_branch(x)

@@ -64,6 +64,43 @@ def apply_rope(x: Tensor, sin: Tensor, cos: Tensor) -> Tensor:
     return x * cos + rotate_half(x) * sin
 
 
+def apply_rope_to_patches(x: Tensor, sin: Tensor, cos: Tensor) -> Tensor:
+    """Rotate the last ``P`` tokens of ``x [..., N, D_h]`` (``sin``/``cos`` ``[P, D_h]``); the first ``N - P`` tokens
+    (CLS, storage) pass unchanged. Returns a new tensor in ``x.dtype``.
+
+    Bit-for-bit the official ``cat(x_prefix, apply_rope(x_patches.to(rope_dtype), sin, cos).to(x.dtype))``, written
+    with halves ``x = [x₁, x₂]``: ``[x₁·cos₁ − x₂·sin₁, x₂·cos₂ + x₁·sin₂]`` (IEEE ``a + (−b) = a − b`` exactly).
+    Without autograd, and unless the RoPE dtype is narrower than ``x``'s, the halves are written straight into one
+    output buffer in ``x``'s memory order (no ``rotate_half``/``cat`` temporaries, which on CPU cost page faults;
+    attention on such q/k returns ``[B, N, h, D_h]``-ordered rows, so no copy before the output projection).
+    ``x`` may be a strided view, e.g. ``qkv[:2]`` of shape ``[2, B, heads, N, D_h]`` to rotate q and k in one pass."""
+    P = sin.shape[-2]
+    prefix = x.shape[-2] - P
+    half = x.shape[-1] // 2
+    c1, c2, s1, s2 = cos[..., :half], cos[..., half:], sin[..., :half], sin[..., half:]
+    pat = x[..., prefix:, :]
+    rdtype = sin.dtype
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or sin.requires_grad or cos.requires_grad)
+    # x·table promotes x exactly only when the RoPE dtype is at least as wide (bf16 q/k with fp32 tables)
+    if needs_grad or cos.dtype != rdtype or torch.promote_types(x.dtype, rdtype) != rdtype:
+        pat = pat.to(rdtype)
+        x1, x2 = pat[..., :half], pat[..., half:]
+        rot = torch.cat((x1 * c1 - x2 * s1, x2 * c2 + x1 * s2), dim=-1).to(x.dtype)
+        return torch.cat((x[..., :prefix, :], rot), dim=-2)
+    out = torch.empty_like(x, dtype=rdtype)  # x's memory order: attention returns [B, N, h, D_h]-ordered rows
+    out[..., :prefix, :].copy_(x[..., :prefix, :])
+    x1, x2 = pat[..., :half], pat[..., half:]
+    o1, o2 = out[..., prefix:, :half], out[..., prefix:, half:]
+    tmp = torch.empty_like(o1)
+    torch.mul(x1, c1, out=o1)
+    torch.mul(x2, s1, out=tmp)
+    o1.sub_(tmp)
+    torch.mul(x2, c2, out=o2)
+    torch.mul(x1, s2, out=tmp)
+    o2.add_(tmp)
+    return out if out.dtype == x.dtype else out.to(x.dtype)
+
+
 class RopePositionEmbedding(nn.Module):
     """Produces ``(sin, cos)`` tables ``[H·W, D_h]`` for a patch grid (official semantics, see module doc)."""
 
@@ -147,7 +184,8 @@ class RopePositionEmbedding(nn.Module):
     def forward(self, *, H: int, W: int) -> tuple[Tensor, Tensor]:
         """``(sin, cos)``, each ``[H·W, D_h]`` in the RoPE dtype. Cached per grid in eval mode."""
         augment = self.augments
-        key = (H, W)
+        # tables made under inference_mode are inference tensors, unusable later by autograd: cache them apart
+        key = (H, W, torch.is_inference_mode_enabled())
         if not augment and key in self._cache and not torch.compiler.is_compiling():
             return self._cache[key]
         coords = self.coords(H, W)

@@ -63,3 +63,8 @@ def test_dense_probe_monitor_is_logged(tmp_path, tiles_dir):  # noqa: F811
     assert [r["iteration"] for r in lines] == [0, 2]
     assert all(0.0 <= r["probe/crown_auc"] <= 1.0 for r in lines)
     assert result.dense_probe == lines
+    from eo_dinov3.cli import main
+
+    assert main(["plot-probe", f"tiny={tmp_path / 'probe'}", "--out", str(tmp_path / "curve.png")]) == 0
+    png = (tmp_path / "curve.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000

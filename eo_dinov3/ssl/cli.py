@@ -82,6 +82,17 @@ def run_pca(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_plot_probe(args: argparse.Namespace) -> int:
+    from eo_dinov3.ssl.monitors import plot_dense_probe
+
+    runs = {}
+    for item in args.runs:
+        label, _, path = item.rpartition("=")
+        runs[label or Path(path).name] = path
+    print(f"wrote {plot_dense_probe(runs, args.out, args.metric)}")
+    return 0
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("pretrain", help="DINOv3 self-supervised pretraining", description=DESCRIPTION,
                               epilog=EPILOG)
@@ -97,6 +108,14 @@ def register(subparsers) -> None:
     q.add_argument("--normalization", default="sat493m", help="normalisation preset (default sat493m)")
     q.add_argument("--out", default="pca.png", help="output PNG (default pca.png)")
     q.set_defaults(func=run_pca)
+    r = subparsers.add_parser(
+        "plot-probe", help="plot the dense-probe curves of training runs",
+        description="Plot dense_probe.jsonl (written with evaluation.dense_probe_every=N) of one or more runs, e.g. "
+        "a phase with and without Gram anchoring.")
+    r.add_argument("runs", nargs="+", help="run folders, optionally labelled: 'with Gram=runs/gram_demo_cpu'")
+    r.add_argument("--metric", default="probe/crown_auc", choices=["probe/crown_auc", "probe/crown_balanced_accuracy"])
+    r.add_argument("--out", default="dense_probe.png", help="output PNG (default %(default)s)")
+    r.set_defaults(func=run_plot_probe)
 
 
 def main(argv=None) -> int:

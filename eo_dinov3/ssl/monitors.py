@@ -99,3 +99,31 @@ def save_pca_picture(backbone, image: Tensor, path: str | Path, title: str = "")
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def plot_dense_probe(runs: dict[str, str | Path], path: str | Path, metric: str = "probe/crown_auc") -> Path:
+    """Plot the dense-probe curve (``dense_probe.jsonl``) of several runs against iteration (one line per run)."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, run in runs.items():
+        f = Path(run) / "dense_probe.jsonl"
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} not found: run the training with evaluation.dense_probe_every=N")
+        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        ax.plot([r["iteration"] for r in rows], [r[metric] for r in rows], marker="o", label=label)
+    ax.set_xlabel("iteration (of the phase)")
+    ax.set_ylabel(metric.replace("probe/", "").replace("_", " "))
+    ax.set_title("Dense-feature monitor: tree-crown probe on the NEON samples")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path

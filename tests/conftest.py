@@ -20,3 +20,12 @@ requires_fixtures = pytest.mark.skipif(
 def _seed_and_threads():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def tiles_dir():
+    """The real sample tiles folder (fetched once; cached)."""
+    from eo_dinov3.data.samples import fetch_samples, sample_path
+
+    fetch_samples(progress=False)
+    return sample_path("tiles").parent

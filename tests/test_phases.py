@@ -10,7 +10,7 @@ from eo_dinov3.checkpoints import load_backbone
 from eo_dinov3.ssl.config import load_config
 from eo_dinov3.ssl.data import resolution_choice
 from eo_dinov3.ssl.trainer import Trainer
-from tests.test_pretrain_loop import tiles_dir, tiny_overrides  # noqa: F401  (fixture)
+from tests.test_pretrain_loop import tiny_overrides
 
 
 def test_resolution_choice_is_rank_consistent_and_follows_probabilities():
@@ -23,7 +23,7 @@ def test_resolution_choice_is_rank_consistent_and_follows_probabilities():
     assert resolution_choice(7, 3, [1.0]) == 0
 
 
-def test_gram_then_hires_phases_chain_and_visit_several_resolutions(tmp_path, tiles_dir):  # noqa: F811
+def test_gram_then_hires_phases_chain_and_visit_several_resolutions(tmp_path, tiles_dir):
     base = tiny_overrides(tmp_path / "pre", tiles_dir, iters=2)
     Trainer(load_config(None, base), progress=False).run()
 
@@ -55,7 +55,7 @@ def test_gram_then_hires_phases_chain_and_visit_several_resolutions(tmp_path, ti
     assert all(r["finite"] for r in rec)
 
 
-def test_dense_probe_monitor_is_logged(tmp_path, tiles_dir):  # noqa: F811
+def test_dense_probe_monitor_is_logged(tmp_path, tiles_dir):
     cfg = load_config(None, tiny_overrides(tmp_path / "probe", tiles_dir, iters=2,
                                            extra=["evaluation.dense_probe_every=2"]))
     result = Trainer(cfg, progress=False).run()

@@ -43,14 +43,6 @@ def tiny_overrides(out: Path, tiles: Path, *, batch: int = 4, iters: int = 6, ex
     ]
 
 
-@pytest.fixture(scope="module")
-def tiles_dir():
-    from eo_dinov3.data.samples import fetch_samples, sample_path
-
-    fetch_samples(progress=False)
-    return sample_path("tiles").parent
-
-
 def _losses(run: Path) -> dict[int, float]:
     out = {}
     for line in (run / "metrics.jsonl").read_text().splitlines():

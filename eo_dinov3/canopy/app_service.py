@@ -305,7 +305,7 @@ def validate_raster(path: str | os.PathLike, *, model_gsd_m: float = 0.6, sha256
         DataError: not a GeoTIFF (driver allow-list: GTiff/COG only), too large, rotated, < 3 bands, no or
             geographic CRS, GSD off with ``strict_gsd``.
     """
-    from eo_dinov3.canopy.mapping import open_input_raster, plan_work_grid, rgb_band_indexes
+    from eo_dinov3.canopy.mapping import plan_work_grid, rgb_band_indexes
     from eo_dinov3.data import raster_io
 
     p = str(path)
@@ -554,7 +554,6 @@ def raster_overlay(path: str | os.PathLike, *, kind: str, max_side: int = 1024) 
     """Warp a decimated copy of ``path`` to EPSG:3857 (≤ ``max_side`` px on the long side; GDAL uses overviews).
     ``kind="rgb"``: RGBA uint8 (percentile stretch for non-uint8, nodata transparent); ``kind="chm"``: band 1
     float32 metres with NaN for nodata."""
-    import rasterio
     from rasterio.enums import Resampling
     from rasterio.vrt import WarpedVRT
     from rasterio.warp import calculate_default_transform, transform_bounds

@@ -9,12 +9,11 @@ Unknown keys are errors (typos are the most common config bug); values are parse
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
-from eo_dinov3.errors import ConfigError
+from eo_dinov3.config import layered_config
 
 DEFAULT_CONFIG = Path(__file__).with_name("default_config.yaml")
 
@@ -23,44 +22,10 @@ def default_config() -> DictConfig:
     return OmegaConf.load(DEFAULT_CONFIG)
 
 
-def _unknown_keys(defaults: Any, given: Any, prefix: str = "") -> list[str]:
-    if not isinstance(given, dict) or not isinstance(defaults, dict) or not defaults:
-        return []  # leaf, or a free-form section (null / {} in the defaults)
-    bad = []
-    for key, value in given.items():
-        if key not in defaults:
-            bad.append(prefix + str(key))
-        else:
-            bad += _unknown_keys(defaults[key], value, f"{prefix}{key}.")
-    return bad
-
-
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> DictConfig:
     """Merge defaults, an optional YAML file and dotted overrides; unknown keys raise :class:`ConfigError`."""
-    cfg = default_config()
-    defaults = OmegaConf.to_container(cfg)
-    layers = []
-    try:
-        if path is not None:
-            path = Path(path)
-            if not path.is_file():
-                raise ConfigError(f"config file not found: {path}")
-            layers.append((str(path), OmegaConf.load(path)))
-        if overrides:
-            bad = [o for o in overrides if "=" not in o]
-            if bad:
-                raise ConfigError(f"overrides must look like key=value, got {bad}")
-            layers.append(("command line", OmegaConf.from_dotlist(list(overrides))))
-        for source, layer in layers:
-            unknown = _unknown_keys(defaults, OmegaConf.to_container(layer))
-            if unknown:
-                raise ConfigError(
-                    f"unknown config key(s) {unknown} in {source} (valid keys: eo_dinov3/ssl/default_config.yaml)"
-                )
-            cfg = OmegaConf.merge(cfg, layer)
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"invalid config: {str(e).splitlines()[0]}") from None
-    return cfg
+    return layered_config(default_config(), path, overrides, what="pretraining config",
+                          valid_keys_hint="eo_dinov3/ssl/default_config.yaml")
 
 
 def save_config(cfg: DictConfig, path: str | Path) -> None:

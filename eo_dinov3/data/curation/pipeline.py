@@ -65,49 +65,15 @@ DEFAULTS: dict[str, Any] = {
 _FREE_KEYS = {"embed.overrides", "cluster.levels"}
 
 
-def _unknown(defaults: dict, given: dict, prefix: str = "") -> list[str]:
-    bad = []
-    for k, v in given.items():
-        name = prefix + str(k)
-        if k not in defaults:
-            bad.append(name)
-        elif isinstance(defaults[k], dict) and isinstance(v, dict) and name not in _FREE_KEYS:
-            bad += _unknown(defaults[k], v, name + ".")
-    return bad
-
-
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = (),
                 **values: Any) -> dict[str, Any]:
     """Defaults ← YAML file ← dotted ``key=value`` overrides ← ``values`` (nested dicts); unknown keys raise."""
     from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
 
-    cfg = OmegaConf.create(DEFAULTS)
-    try:
-        layers = []
-        if path is not None:
-            if not Path(path).is_file():
-                raise ConfigError(f"config file not found: {path}")
-            layers.append((str(path), OmegaConf.load(path)))
-        if overrides:
-            bad = [o for o in overrides if "=" not in o]
-            if bad:
-                raise ConfigError(f"overrides must look like key=value, got {bad}")
-            layers.append(("command line", OmegaConf.from_dotlist(list(overrides))))
-        if values:
-            layers.append(("arguments", OmegaConf.create(values)))
-        for source, layer in layers:
-            unknown = _unknown(DEFAULTS, OmegaConf.to_container(layer))
-            if unknown:
-                raise ConfigError(f"unknown curation config key(s) {unknown} in {source}; valid keys: see "
-                                  "eo_dinov3/data/curation/pipeline.py DEFAULTS")
-            for free in _FREE_KEYS:  # lists/free dicts replace, never merge
-                sect, key = free.split(".")
-                if OmegaConf.select(layer, free) is not None:
-                    cfg[sect][key] = layer[sect][key]
-            cfg = OmegaConf.merge(cfg, layer)
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"invalid curation config: {str(e).splitlines()[0]}") from None
+    from eo_dinov3.config import layered_config
+
+    cfg = layered_config(DEFAULTS, path, overrides, values, free_keys=sorted(_FREE_KEYS), what="curation config",
+                         valid_keys_hint="eo_dinov3/data/curation/pipeline.py DEFAULTS")
     out = OmegaConf.to_container(cfg, resolve=True)
     if not out["manifest"]:
         raise ConfigError("no input manifest: set manifest=<tiles manifest .parquet/.csv> (or samples:tiles)")

@@ -80,6 +80,10 @@ def register(subparsers: Any) -> None:
     s.add_argument("--all-touched", action="store_true", help="count every pixel a polygon touches")
     s.set_defaults(func=_stats)
 
+    from eo_dinov3.canopy.training import register_train_head
+
+    register_train_head(sub)  # chm train-head (same as sat_training/train_canopy_head.py)
+
 
 # ------------------------------------------------------------------------------------------------------ models
 def demo_model(seed: int = 0):
@@ -108,8 +112,12 @@ def load_model(args: argparse.Namespace):
     import torch
 
     spec = args.head or args.model
+    from eo_dinov3.canopy.training import is_head_checkpoint, load_head_checkpoint
+
     if spec == "demo":
         model = demo_model()
+    elif is_head_checkpoint(spec):  # a head trained with train_canopy_head.py (backbone recorded inside)
+        model = load_head_checkpoint(spec)
     else:
         from eo_dinov3.canopy.model import build_chmv2
 

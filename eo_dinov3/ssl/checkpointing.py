@@ -9,7 +9,6 @@ half-written checkpoint that looks valid. The newest ``max_to_keep`` are kept, p
 
 from __future__ import annotations
 
-import os
 import random
 import re
 from pathlib import Path
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 
 from eo_dinov3.errors import CheckpointError
+from eo_dinov3.fileio import atomic_save  # noqa: F401  (re-exported: ckpt.atomic_save)
 
 _NAME = re.compile(r"^(\d+)\.pt$")
 
@@ -46,23 +46,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def atomic_save(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` to ``path`` through a temporary file + ``os.replace`` (+ fsync)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
 
 
 def list_checkpoints(ckpt_dir: str | Path) -> list[tuple[int, Path]]:

@@ -72,8 +72,6 @@ def pca_rgb(patch_tokens: Tensor, grid: tuple[int, int]) -> np.ndarray:
 def save_pca_picture(backbone, image: Tensor, path: str | Path, title: str = "") -> Path:
     """Run ``backbone`` on one normalised image ``[3, H, W]`` and save the image beside its PCA picture (PNG)."""
     import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     was_training = backbone.training
@@ -106,8 +104,6 @@ def plot_dense_probe(runs: dict[str, str | Path], path: str | Path, metric: str 
     import json
 
     import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))

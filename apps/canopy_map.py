@@ -3,7 +3,7 @@
 Opens on the NEON Yellowstone forest sample (fetched by ``eo-dinov3 samples fetch``) with the offline demo model,
 so a first-time user sees a map at once. All computation lives in :mod:`eo_dinov3.canopy.app_service`; this file is
 only the user interface (sidebar → input → cached tiled inference → map → areas of interest → downloads → honesty
-panel). Settings: sidebar, environment variables or a settings file (see ``docs/sections/app.md``).
+panel). Settings: sidebar, environment variables or a settings file (see ``docs/app.md``).
 """
 
 from __future__ import annotations

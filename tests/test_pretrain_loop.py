@@ -87,7 +87,8 @@ def test_kill_and_resume_is_bit_exact(tmp_path, tiles_dir):
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one_process_with_same_global_batch(tmp_path, tiles_dir):
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_two_processes_equal_one_process_with_same_global_batch(tmp_path, tiles_dir, sharding):
     # LayerScale 1.0 (as in the official step fixture): with the recipe's 1e-5 every image's CLS token is identical
     # at init, KoLeo's nearest-neighbour distances are ~1e-6 and -log(d) amplifies 1e-7 summation-order differences
     # between the two process layouts into different clipped gradient directions (chaotic, not a logic error).
@@ -98,8 +99,9 @@ def test_two_processes_equal_one_process_with_same_global_batch(tmp_path, tiles_
     assert one.returncode == 0, one.stderr[-2000:]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", str(PRETRAIN),
-         "--no-progress", *tiny_overrides(tmp_path / "two", tiles_dir, batch=2, iters=3, extra=common)],
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={29533 + (sharding == 'fsdp')}", str(PRETRAIN),
+         "--no-progress", *tiny_overrides(tmp_path / "two", tiles_dir, batch=2, iters=3,
+                                          extra=[*common, f"train.sharding={sharding}"])],
         env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     l1, l2 = _losses(tmp_path / "one"), _losses(tmp_path / "two")

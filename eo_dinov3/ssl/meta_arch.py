@@ -72,6 +72,13 @@ def student_backbone_config(cfg: Any) -> ViTConfig:
     return dataclasses.replace(base, **overrides)
 
 
+def _reshard(module: nn.Module) -> None:
+    """Reshard every FSDP2 sub-module (no-op without FSDP) so parameters are DTensor shards again."""
+    for m in module.modules():
+        if hasattr(m, "reshard") and callable(m.reshard) and type(m).__name__.startswith("FSDP"):
+            m.reshard()
+
+
 def _build_head(cfg: Any, section: str, in_dim: int) -> DINOHead:
     return DINOHead(
         in_dim,
@@ -164,6 +171,7 @@ class SSLMetaArch(nn.Module):
     @torch.no_grad()
     def update_ema(self, momentum: float) -> None:
         """``θ_teacher ← m·θ_teacher + (1−m)·θ_student`` over the parameters (not buffers) of all sub-modules."""
+        _reshard(self.teacher)  # FSDP2: a root module can stay unsharded after forward
         t_params, s_params = [], []
         for name in ("backbone", "dino_head", "ibot_head"):
             t_params += list(self.teacher[name].parameters())
@@ -176,6 +184,8 @@ class SSLMetaArch(nn.Module):
         """Refresh the Gram teacher from the EMA teacher's backbone (``m = 0``: a plain copy)."""
         if self.gram_teacher is None:
             return
+        _reshard(self.gram_teacher)
+        _reshard(self.teacher)
         t = list(self.gram_teacher["backbone"].parameters())
         s = list(self.teacher["backbone"].parameters())
         torch._foreach_mul_(t, momentum)

@@ -150,17 +150,7 @@ class Trainer:
         if cfg.train.sharding not in ("ddp", "fsdp"):
             raise ConfigError(f"train.sharding must be ddp or fsdp, got {cfg.train.sharding!r}")
         self.fsdp = cfg.train.sharding == "fsdp" and self.dist.enabled
-        if self.fsdp:
-            self._apply_fsdp()
-        if cfg.train.activation_checkpointing:
-            self._apply_activation_checkpointing()
-        if cfg.train.compile:
-            for blk in self.model.student["backbone"].blocks:
-                blk.compile()
-        groups = fuse_params_groups(
-            self.model.get_params_groups(float(cfg.optim.layerwise_decay), float(cfg.optim.patch_embed_lr_mult))
-        )
-        self.optimizer = torch.optim.AdamW(groups, betas=(float(cfg.optim.adamw_beta1), float(cfg.optim.adamw_beta2)))
+        self.optimizer: torch.optim.Optimizer | None = None  # built by _setup_parallel (after weights are loaded)
         self.schedules = ScheduleSet.from_config(cfg, world_size=self.dist.world_size)
         self.total_iterations = self.schedules.total_iterations
         max_it = cfg.train.max_iterations
@@ -184,6 +174,48 @@ class Trainer:
         self.result = TrainResult(output_dir=self.out, iteration=0)
 
     # ------------------------------------------------------------------ set-up helpers
+    def _setup_parallel(self, optimizer_state: dict | None = None) -> None:
+        """FSDP2 sharding, activation checkpointing, compilation, then AdamW over the (possibly sharded) student;
+        runs after the weights are loaded (init_from / resume), so loading always sees plain tensors."""
+        cfg = self.cfg
+        if self.fsdp:
+            self._apply_fsdp()
+        if cfg.train.activation_checkpointing:
+            self._apply_activation_checkpointing()
+        if cfg.train.compile:
+            for blk in self.model.student["backbone"].blocks:
+                blk.compile()
+        groups = fuse_params_groups(
+            self.model.get_params_groups(float(cfg.optim.layerwise_decay), float(cfg.optim.patch_embed_lr_mult))
+        )
+        fused = {"fused": True} if self.device.type == "cuda" and not self.fsdp else {}
+        self.optimizer = torch.optim.AdamW(groups, betas=(float(cfg.optim.adamw_beta1), float(cfg.optim.adamw_beta2)),
+                                           **fused)
+        if optimizer_state is not None:
+            if self.fsdp:
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+                set_optimizer_state_dict(self.model.student, self.optimizer, optimizer_state,
+                                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
+            else:
+                self.optimizer.load_state_dict(optimizer_state)
+
+    def _full_state_dict(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """Plain (unsharded, CPU) state dict; under FSDP2 a collective that every rank must call."""
+        if not self.fsdp:
+            return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def _full_optimizer_state(self) -> dict:
+        if not self.fsdp:
+            return self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.model.student, self.optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
     def _apply_fsdp(self) -> None:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -265,17 +297,17 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def _state(self) -> dict[str, Any]:
         model_sd = {}
-        for name in ("student", "teacher"):
-            for k, v in getattr(self.model, name).state_dict().items():
-                model_sd[f"{name}.{k}"] = v
+        parts = [("student", self.model.student), ("teacher", self.model.teacher)]
         if self.model.gram_teacher is not None:
-            for k, v in self.model.gram_teacher.state_dict().items():
-                model_sd[f"gram_teacher.{k}"] = v
+            parts.append(("gram_teacher", self.model.gram_teacher))
+        for name, module in parts:
+            for k, v in self._full_state_dict(module).items():
+                model_sd[f"{name}.{k}"] = v
         return {
             "format": "eo_dinov3.train",
             "iteration": self.iteration,
             "model": model_sd,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self._full_optimizer_state(),
             "rng": ckpt.rng_state(),
             "data_position": self.iteration * int(self.cfg.train.batch_size_per_gpu) * self.dist.world_size,
             "counters": {"skipped": self.skipped, "consecutive_nonfinite": self.consecutive_nonfinite,
@@ -285,22 +317,26 @@ class Trainer:
 
     def save_checkpoint(self) -> Path | None:
         path = None
+        state = self._state()  # collective under FSDP2: every rank takes part
         if self.dist.is_main:
-            path = ckpt.atomic_save(self._state(), self.out / "ckpt" / f"{self.iteration}.pt")
+            path = ckpt.atomic_save(state, self.out / "ckpt" / f"{self.iteration}.pt")
             ckpt.rotate_checkpoints(self.out / "ckpt", int(self.cfg.checkpointing.max_to_keep),
                                     self.cfg.checkpointing.keep_every)
             self.result.last_checkpoint = path
-            self.export_teacher()
-            if self.cfg.evaluation.pca_every_checkpoint:
-                self._pca_picture()
+            teacher = {k[len("teacher."):]: v for k, v in state["model"].items() if k.startswith("teacher.")}
+            self.export_teacher(teacher)
+        if self.cfg.evaluation.pca_every_checkpoint:
+            self._pca_picture()
         barrier()
         return path
 
-    def export_teacher(self) -> Path:
+    def export_teacher(self, teacher_state: dict[str, torch.Tensor] | None = None) -> Path:
         """``eval/training_<it>/teacher_checkpoint.pth`` (official) + ``teacher_backbone.pth`` (hub file)."""
+        if teacher_state is None:
+            teacher_state = self._full_state_dict(self.model.teacher)
         d = self.out / "eval" / f"training_{self.iteration}"
-        ckpt.atomic_save(self.model.teacher_checkpoint(), d / "teacher_checkpoint.pth")
-        backbone_sd = {k: v.detach().clone() for k, v in self.model.teacher["backbone"].state_dict().items()}
+        ckpt.atomic_save({"teacher": teacher_state}, d / "teacher_checkpoint.pth")
+        backbone_sd = {k[len("backbone."):]: v for k, v in teacher_state.items() if k.startswith("backbone.")}
         path = ckpt.atomic_save(backbone_sd, d / "teacher_backbone.pth")
         self.result.teacher_export = path
         return path
@@ -322,7 +358,7 @@ class Trainer:
             self.model.gram_teacher.load_state_dict(
                 {k[len("gram_teacher.") :]: v for k, v in model.items() if k.startswith("gram_teacher.")}, strict=True
             )
-        self.optimizer.load_state_dict(obj["optimizer"])
+        self._resume_optimizer_state = obj["optimizer"]
         ckpt.set_rng_state(obj["rng"])
         self.iteration = int(obj["iteration"])
         c = obj["counters"]
@@ -355,10 +391,15 @@ class Trainer:
                        f"balanced accuracy {r['balanced_accuracy']:.3f}")
 
     def _pca_picture(self) -> None:
+        """Rank 0 saves the picture; under FSDP2 the other ranks run the same forward (it is a collective)."""
         image = getattr(self, "pca_image", None)
-        if image is None:
+        if image is None or not (self.dist.is_main or self.fsdp):
             return
         path = self.out / "pca" / f"pca_{self.iteration:07d}.png"
+        if not self.dist.is_main:
+            with torch.no_grad():
+                self.model.teacher["backbone"].eval().forward_features(image[None].to(self.device))
+            return
         save_pca_picture(self.model.teacher["backbone"], image.to(self.device), path,
                          title=f"teacher, iteration {self.iteration}")
         self.result.pca_pictures.append(path)
@@ -382,6 +423,7 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         if self.dist.is_main:
             save_config(cfg, self.out / "config.yaml")
+        self._resume_optimizer_state = None
         resumed = self.resume()
         if not resumed:
             if cfg.model.init_from and cfg.phase.init_from:
@@ -389,6 +431,7 @@ class Trainer:
             if cfg.model.init_from or cfg.phase.init_from:
                 self.init_from(str(cfg.model.init_from or cfg.phase.init_from))
             self._gram_init()
+        self._setup_parallel(self._resume_optimizer_state)
         stream = batches or self._external_batches
         if stream is None:
             from eo_dinov3.ssl.pipeline import build_batch_stream
@@ -415,9 +458,12 @@ class Trainer:
         B = int(cfg.train.batch_size_per_gpu)
         t_last = time.perf_counter()
         self.model.train()
-        if self.iteration == 0 and self.dist.is_main and self.cfg.evaluation.pca_every_checkpoint:
+        if self.iteration == 0 and self.cfg.evaluation.pca_every_checkpoint:
             self._pca_picture()  # "before" picture (random init)
         probe_every = cfg.evaluation.dense_probe_every
+        if probe_every and self.fsdp:
+            raise ConfigError("evaluation.dense_probe_every is not supported with train.sharding=fsdp; probe the "
+                              "exported teacher_backbone.pth instead")
         if probe_every and self.dist.is_main and self.iteration == 0:
             self._dense_probe(writer, metrics_file)
         try:

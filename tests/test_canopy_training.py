@@ -203,3 +203,12 @@ def test_train_head_end_to_end_resume_and_predict(tmp_path):
         assert d.crs.to_epsg() == 32610 and pred.shape == chm.shape
     east = (slice(None), slice(96, None))  # validation half
     assert np.abs(pred[east] - chm[east]).mean() < np.abs(chm[east] - chm[:, :64].mean()).mean()
+    # the same checkpoint is what `chm predict --model` and the app's "trained head" option load
+    from eo_dinov3.canopy import app_service as svc
+
+    loaded = svc.load_model(svc.ModelSpec(kind="trained", head=str(out / "best.pt")))
+    assert "trained head" in loaded.info.name and not loaded.info.is_demo
+    from eo_dinov3.cli import main as cli_main
+
+    assert cli_main(["chm", "predict", str(tmp_path / "rgb.tif"), "--model", str(out / "best.pt"),
+                     "--out", str(tmp_path / "pred_cli.tif"), "--tile", "64", "--overlap", "16"]) == 0

@@ -195,6 +195,12 @@ def _local_file(p: str | None, what: str, *, allow_dir: bool = False) -> Path:
     return q
 
 
+def _is_trained_head(path: str | os.PathLike) -> bool:
+    from eo_dinov3.canopy.training import is_head_checkpoint
+
+    return Path(path).is_file() and is_head_checkpoint(path)
+
+
 def load_model(spec: ModelSpec, device: str | None = None) -> LoadedModel:
     """Build the model of ``spec`` on CPU (weights loaded with ``weights_only=True``; nothing downloaded).
 
@@ -207,6 +213,13 @@ def load_model(spec: ModelSpec, device: str | None = None) -> LoadedModel:
         from eo_dinov3.canopy.cli import demo_model
 
         model, files = demo_model(), ()
+    elif spec.kind == "trained" and spec.head and _is_trained_head(spec.head):
+        from eo_dinov3.canopy.training import load_head_checkpoint
+
+        head = _local_file(spec.head, "trained head checkpoint")
+        model = load_head_checkpoint(head)  # train_canopy_head.py output: records its backbone
+        model.name = f"trained head ({head.name})"
+        files = (str(head),)
     elif spec.kind in ("chmv2", "trained"):
         from eo_dinov3.canopy.model import build_chmv2
 

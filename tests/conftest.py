@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,10 +17,22 @@ requires_fixtures = pytest.mark.skipif(
 )
 
 
+_MAIN = sys.modules["__main__"]
+_MAIN_FILE = getattr(_MAIN, "__file__", None)
+
+
 @pytest.fixture(autouse=True)
-def _seed_and_threads():
+def _seed_and_restore_main():
+    """Seed torch; afterwards undo what streamlit's AppTest / runpy leave in ``__main__`` (a later
+    ``multiprocessing`` spawn would otherwise re-run the Streamlit app script in its child processes)."""
     torch.manual_seed(0)
     yield
+    sys.modules["__main__"] = _MAIN
+    if _MAIN_FILE is None:
+        if hasattr(_MAIN, "__file__"):
+            del _MAIN.__file__
+    else:
+        _MAIN.__file__ = _MAIN_FILE
 
 
 @pytest.fixture(scope="module")

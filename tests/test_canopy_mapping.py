@@ -388,5 +388,7 @@ def test_peak_memory_bounded_on_4000px_raster(tmp_path: Path) -> None:
     subprocess.run([sys.executable, str(bench), "--size", "4000", "--workdir", str(tmp_path), "--json", str(out),
                     "--threads", "1"], check=True, capture_output=True, timeout=900)
     res = json.loads(out.read_text())
-    assert res["peak_rss_maxrss_mib"] < 2048, res
+    # the sampled RSS of the bench process: ru_maxrss is not usable here, because Linux carries the parent's
+    # high-water mark across fork+exec (a big pytest process would be counted)
+    assert res["peak_rss_sampled_mib"] < 2048, res
     assert res["output_mib"] > 1  # a real output was written

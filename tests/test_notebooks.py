@@ -48,9 +48,12 @@ def test_notebook_is_stored_without_outputs(path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_executes(path):
+def test_notebook_executes(path, monkeypatch):
     from nbclient import NotebookClient
 
+    # importing streamlit (the app tests) sets MPLBACKEND=Agg for the whole process; the kernel would inherit it
+    # and show no inline pictures
+    monkeypatch.delenv("MPLBACKEND", raising=False)
     _ensure_python3_kernel()
     nb = nbformat.read(path, as_version=4)
     client = NotebookClient(nb, timeout=TIMEOUT_S, kernel_name="python3",

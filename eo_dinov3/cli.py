@@ -50,6 +50,17 @@ def _version() -> str:
     return f"eo-dinov3 {__version__}"
 
 
+def run_standalone(parser: argparse.ArgumentParser, func, argv: list[str] | None = None) -> int:
+    """Entry-script helper: parse ``argv`` with ``parser``, call ``func(args)``; a user error (:class:`EODinoError`)
+    becomes one line on stderr and exit status 2, never a traceback."""
+    args = parser.parse_args(argv)
+    try:
+        return int(func(args) or 0)
+    except EODinoError as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)

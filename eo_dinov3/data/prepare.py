@@ -570,14 +570,10 @@ def register(subparsers) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from eo_dinov3.errors import EODinoError
 
     parser = argparse.ArgumentParser(prog="prepare_tiles.py", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except EODinoError as e:
-        print(f"prepare_tiles: error: {e}", file=sys.stderr)
-        return 2
+    from eo_dinov3.cli import run_standalone
+
+    return run_standalone(parser, run, argv)

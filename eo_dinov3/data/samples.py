@@ -1060,17 +1060,13 @@ def _run_cli(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m eo_dinov3.data.samples [--root DIR] [--force] [--quiet]``: the same as ``samples fetch``."""
-    from eo_dinov3.errors import EODinoError
 
     parser = argparse.ArgumentParser(prog="python -m eo_dinov3.data.samples",
                                      description="Fetch the sample data (= eo-dinov3 samples fetch).")
     _add_fetch_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return _fetch_cli(args)
-    except EODinoError as e:
-        print(f"eo-dinov3 samples: error: {e}", file=sys.stderr)
-        return 2
+    from eo_dinov3.cli import run_standalone
+
+    return run_standalone(parser, _fetch_cli, argv)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -144,14 +143,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_main(argv: list[str] | None = None) -> int:
     """Entry point of ``geobench/run.py``."""
-    from eo_dinov3.errors import EODinoError
 
     p = argparse.ArgumentParser(prog="geobench/run.py", description="GEO-Bench v1 on frozen features "
                                 "(same as 'eo-dinov3 geobench run')")  # fmt: skip
     add_run_arguments(p)
-    args = p.parse_args(argv)
-    try:
-        return _run(args)
-    except EODinoError as e:
-        print(f"geobench/run.py: error: {e}", file=sys.stderr)
-        return 2
+    from eo_dinov3.cli import run_standalone
+
+    return run_standalone(p, _run, argv)

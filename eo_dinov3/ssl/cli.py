@@ -121,12 +121,9 @@ def register(subparsers) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="pretrain.py", description=DESCRIPTION, epilog=EPILOG)
     add_arguments(p)
-    args = p.parse_args(argv)
-    try:
-        return run(args)
-    except EODinoError as e:
-        print(f"pretrain: error: {e}", file=sys.stderr)
-        return 2
+    from eo_dinov3.cli import run_standalone
+
+    return run_standalone(p, run, argv)
 
 
 if __name__ == "__main__":

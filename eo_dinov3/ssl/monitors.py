@@ -71,7 +71,6 @@ def pca_rgb(patch_tokens: Tensor, grid: tuple[int, int]) -> np.ndarray:
 @torch.no_grad()
 def save_pca_picture(backbone, image: Tensor, path: str | Path, title: str = "") -> Path:
     """Run ``backbone`` on one normalised image ``[3, H, W]`` and save the image beside its PCA picture (PNG)."""
-    import matplotlib
     import matplotlib.pyplot as plt
 
     was_training = backbone.training
@@ -103,7 +102,6 @@ def plot_dense_probe(runs: dict[str, str | Path], path: str | Path, metric: str 
     """Plot the dense-probe curve (``dense_probe.jsonl``) of several runs against iteration (one line per run)."""
     import json
 
-    import matplotlib
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))

@@ -15,7 +15,6 @@ import argparse
 import json
 import logging
 import os
-import sys
 from collections.abc import Sequence
 
 DESCRIPTION = ("Embed a tile manifest with a backbone, cluster the embeddings by hierarchical k-means and write a "
@@ -82,13 +81,9 @@ def register(subparsers) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from eo_dinov3.errors import EODinoError
 
     parser = argparse.ArgumentParser(prog="curate.py", description=DESCRIPTION)
     add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except EODinoError as e:
-        print(f"curate: error: {e}", file=sys.stderr)
-        return 2
+    from eo_dinov3.cli import run_standalone
+
+    return run_standalone(parser, run, argv)

@@ -76,7 +76,6 @@ def example_grid(paths_per_row: list[list[str]], labels: list[str], out: Path, *
 
 def _size_plot(before: np.ndarray, after: np.ndarray, out: Path) -> Path | None:
     try:
-        import matplotlib
         import matplotlib.pyplot as plt
     except ImportError:  # matplotlib is optional
         return None

@@ -314,6 +314,7 @@ def read_checkpoint(path: str | os.PathLike) -> RawCheckpoint:
     obj, meta, desc = _read_object(path)
     recorded = None
     hints: dict[str, Any] = {}
+    kept: dict[str, Tensor] = {}
     if meta is not None:  # safetensors
         sd, container, ignored = obj, desc, []
         try:
@@ -324,6 +325,7 @@ def read_checkpoint(path: str | os.PathLike) -> RawCheckpoint:
                 hints.update(_hf_hints(json.loads(meta["hf_config"])))
             if "num_heads" in meta:
                 hints["num_heads"] = int(meta["num_heads"])
+            kept = _decode_tensors(meta[KEPT_KEY]) if KEPT_KEY in meta else {}
         except (ValueError, TypeError) as e:
             raise CheckpointError(f"{path}: unreadable metadata in the safetensors header ({e})") from None
         if recorded is not None and not isinstance(recorded, dict):
@@ -349,6 +351,9 @@ def read_checkpoint(path: str | os.PathLike) -> RawCheckpoint:
         official, extra = _hf_to_official(inside)
     else:
         official, extra = inside, []
+    if kept and layout in ("timm", "hf"):  # exact tensors saved by save_layout beside the foreign keys
+        official = {**official, **kept}
+        extra = [k for k in extra if not (k.startswith(ZERO_FILLED) and k[len(ZERO_FILLED):] in kept)]
     zero_filled = [k[len(ZERO_FILLED) :] + "[key third]" for k in extra if k.startswith(ZERO_FILLED)]
     ignored += _group(k for k in extra if not k.startswith(ZERO_FILLED))
     if recorded is not None and layout == "official":
@@ -1148,6 +1153,40 @@ def save_backbone(model: DinoVisionTransformer, path: str | os.PathLike, *, form
     return path
 
 
+KEPT_KEY = "eo_dinov3.kept_tensors"
+
+
+def _kept_tensors(official: dict[str, Tensor], foreign: dict[str, Tensor], layout: str) -> dict[str, Tensor]:
+    """Official tensors that the ``layout`` file cannot reproduce bit for bit (mask token, the masked key third of
+    ``qkv.bias``, stored RoPE periods, ``local_cls_norm`` …)."""
+    back = convert_state_dict(foreign, layout, "official")
+    return {k: v for k, v in official.items() if k not in back or not torch.equal(back[k], v)}
+
+
+def _encode_tensors(tensors: dict[str, Tensor]) -> str:
+    """JSON of ``{key: [dtype, shape, base64 bytes]}`` for the safetensors metadata (strings only)."""
+    import base64
+
+    out = {}
+    for k, v in tensors.items():
+        v = v.detach().cpu().contiguous()
+        raw = v.view(torch.uint8).numpy().tobytes() if v.numel() else b""
+        out[k] = [str(v.dtype).replace("torch.", ""), list(v.shape), base64.b64encode(raw).decode()]
+    return json.dumps(out)
+
+
+def _decode_tensors(text: str) -> dict[str, Tensor]:
+    import base64
+
+    out = {}
+    for k, (dtype, shape, data) in json.loads(text).items():
+        dt = getattr(torch, dtype)
+        buf = bytearray(base64.b64decode(data))
+        t = torch.frombuffer(buf, dtype=torch.uint8).view(dt) if buf else torch.empty(0, dtype=dt)
+        out[k] = t.reshape(shape).clone()
+    return out
+
+
 def save_layout(model: DinoVisionTransformer, path: str | os.PathLike, layout: str) -> Path:
     """Write ``model`` in the ``timm`` or ``hf`` key layout: ``.safetensors`` files get the config in the metadata;
     a path without a weights suffix becomes an HF ``save_pretrained``-style folder (``config.json`` +
@@ -1160,11 +1199,17 @@ def save_layout(model: DinoVisionTransformer, path: str | os.PathLike, layout: s
         extra = {"hf_config": json.dumps(hf_config(model.config))}
     else:
         extra = {"timm_model": timm_config(model.config)[0], "num_heads": str(model.config.num_heads)}
+    # tensors the foreign layout cannot hold ride along in the safetensors header (ignored by timm/transformers,
+    # restored by read_checkpoint), so official -> timm/HF file -> official is lossless
+    kept = _kept_tensors(export_state_dict(model, "official"), sd, layout)
+    if kept:
+        extra[KEPT_KEY] = _encode_tensors(kept)
     if layout == "hf" and path.suffix not in (".safetensors", ".pth", ".pt", ".bin"):
         path.mkdir(parents=True, exist_ok=True)
         cfg = {"architectures": ["DINOv3ViTModel"], "model_type": "dinov3_vit", **hf_config(model.config)}
         (path / "config.json").write_text(json.dumps(cfg, indent=2))
-        _atomic_write(path / "model.safetensors", lambda p: save_file(sd, p, metadata={"format": "pt"}))
+        meta = {"format": "pt", **({KEPT_KEY: extra[KEPT_KEY]} if KEPT_KEY in extra else {})}
+        _atomic_write(path / "model.safetensors", lambda p: save_file(sd, p, metadata=meta))
         return path
     if path.suffix == ".safetensors":
         _atomic_write(path, lambda p: save_file(sd, p, metadata={"format": "pt", **extra}))

@@ -31,6 +31,7 @@ from eo_dinov3.ssl import checkpointing as ckpt
 from eo_dinov3.ssl.config import save_config
 from eo_dinov3.data.manifest import derive_seed
 from eo_dinov3.ssl.data import STEP_STREAM
+from eo_dinov3.ssl.faults import FaultPlan, restart_count
 from eo_dinov3.ssl.distributed import (
     DistInfo,
     all_reduce_gradients,
@@ -172,6 +173,8 @@ class Trainer:
         self.consecutive_nonfinite = 0
         self.gram_updates = 0
         self.result = TrainResult(output_dir=self.out, iteration=0)
+        self.restart_count = restart_count()  # torchrun --max-restarts: 0 on the first attempt
+        self.fault = FaultPlan.from_env()  # EO_DINOV3_FAULT_AT_STEP drills (eo_dinov3.ssl.faults); None normally
 
     # ------------------------------------------------------------------ set-up helpers
     def _setup_parallel(self, optimizer_state: dict | None = None) -> None:
@@ -425,6 +428,12 @@ class Trainer:
             save_config(cfg, self.out / "config.yaml")
         self._resume_optimizer_state = None
         resumed = self.resume()
+        if self.restart_count:
+            self._log_line(f"elastic restart {self.restart_count} (TORCHELASTIC_RESTART_COUNT): starting at iteration "
+                           f"{self.iteration}" + ("" if resumed else " (no checkpoint yet)"))
+        if self.fault is not None:
+            self._log_line(f"fault injection armed: rank {self.fault.rank} will SIGKILL itself after step "
+                           f"{self.fault.step} (EO_DINOV3_FAULT_AT_STEP)")
         if not resumed:
             if cfg.model.init_from and cfg.phase.init_from:
                 raise ConfigError("set either model.init_from or phase.init_from, not both")
@@ -521,6 +530,8 @@ class Trainer:
                         self.save_checkpoint()
                     if probe_every and self.dist.is_main and self.iteration % int(probe_every) == 0:
                         self._dense_probe(writer, metrics_file)
+                    if self.fault is not None:
+                        self.fault.maybe_fire(self.iteration, self.dist.rank)
                     if sig.received is not None:
                         self._log_line(f"signal {sig.received} received: checkpoint saved at iteration {self.iteration}, exiting")
                         if self.iteration % period != 0 and self.iteration != self.stop_iteration:
@@ -547,6 +558,7 @@ class Trainer:
                 "collapse_warnings": self.result.collapse_warnings,
                 "skipped_inputs": getattr(self, "dataset_stats", lambda: {})(),
                 "dense_probe": self.result.dense_probe,
+                "elastic_restart_count": self.restart_count,
             }
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         return self.result

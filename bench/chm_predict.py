@@ -2,14 +2,14 @@
 
     python bench/chm_predict.py                          # CPU, fp32, reduced-width model (--arch tiny), 2048² raster
     python bench/chm_predict.py --device cuda            # GPU: ViT-L CHMv2 (random weights), bf16 autocast
-    python bench/chm_predict.py --arch vitl --size 512   # CPU ViT-L: km²/h at 0.6 m (fp32 and --quantize int8)
+    python bench/chm_predict.py --arch vitl --size 512   # CPU ViT-L: km²/h at 0.6 m (fp32, bf16, int8)
 
 Both sides get the **same random weights** (ours → HF folder with :func:`eo_dinov3.canopy.hf_chmv2.save_hf_checkpoint`)
 and the same tiles of a synthetic RGB GeoTIFF (uint8, UTM, 0.6 m). Ours: :func:`eo_dinov3.canopy.mapping.predict_raster`
 (streamed strips, overlap blending, COG output). Peer: a loop over the same tile grid — rasterio window read →
 ``CHMv2ImageProcessor`` → ``CHMv2ForDepthEstimation`` → ``post_process_depth_estimation`` → write the window into a
 float32 GeoTIFF (no blending). Reported: Mpx/s of raster area, peak RSS growth (CPU) or peak CUDA memory, the ratio
-ours/peer (goal ≥ 1.5×), int8 vs fp32 height difference (metres) and speed, km²/h at 0.6 m (1 km² = 2.78 Mpx).
+ours/peer (goal ≥ 1.5×), on CPU fp32 vs bf16 autocast vs int8: height difference (metres) and speed, km²/h at 0.6 m (1 km² = 2.78 Mpx).
 No timing assertions; numbers depend on the machine (print them with the device).
 """
 
@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from eo_dinov3.canopy.mapping import cpu_has_native_bf16
 
 KM2_MPX_0P6 = 1e6 / 0.36 / 1e6  # 1 km² at 0.6 m = 2.78 Mpx
 
@@ -106,7 +108,8 @@ def synthetic_raster(path: Path, size: int, seed: int = 0) -> Path:
     return path
 
 
-def run_ours(model, src: Path, dst: Path, tile: int, overlap: int, batch: int, device: str) -> dict:
+def run_ours(model, src: Path, dst: Path, tile: int, overlap: int, batch: int, device: str,
+             precision: str = "auto") -> dict:
     from eo_dinov3.canopy.mapping import predict_raster
 
     gc.collect()
@@ -115,7 +118,7 @@ def run_ours(model, src: Path, dst: Path, tile: int, overlap: int, batch: int, d
     with PeakRSS() as mem:
         t0 = time.perf_counter()
         predict_raster(model, src, dst, tile=tile, overlap=overlap, batch_size=batch, device=device,
-                       progress=False, resume=False)
+                       precision=precision, progress=False, resume=False)
         dt = time.perf_counter() - t0
     return {"seconds": dt, "rss_mib": mem.mib,
             "cuda_mib": torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None}
@@ -161,18 +164,27 @@ def run_peer(hf_dir: Path, src: Path, dst: Path, tile: int, overlap: int, device
             "cuda_mib": torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None}
 
 
-def int8_check(model, src: Path, tmp: Path, tile: int, overlap: int, batch: int) -> dict:
-    """fp32 vs dynamic-int8 (Linear layers) on CPU: height difference in metres and speed."""
+def cpu_variants(model, src: Path, tmp: Path, tile: int, overlap: int, batch: int, mpx: float) -> dict:
+    """CPU fp32 vs bf16 autocast vs dynamic int8 (Linear layers) of the same model: seconds, km²/h and the height
+    difference to fp32 in metres (mean / max over valid pixels)."""
     import rasterio
 
+    runs = {"fp32": run_ours(model, src, tmp / "fp32.tif", tile, overlap, batch, "cpu", "fp32")}
+    if cpu_has_native_bf16():
+        runs["bf16"] = run_ours(model, src, tmp / "bf16.tif", tile, overlap, batch, "cpu", "bf16")
     q = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
-    r32 = run_ours(model, src, tmp / "fp32.tif", tile, overlap, batch, "cpu")
-    r8 = run_ours(q, src, tmp / "int8.tif", tile, overlap, batch, "cpu")
-    with rasterio.open(tmp / "fp32.tif") as a, rasterio.open(tmp / "int8.tif") as b:
-        x, y = a.read(1), b.read(1)
-    d = np.abs(x - y)[np.isfinite(x) & np.isfinite(y)]
-    return {"fp32_s": r32["seconds"], "int8_s": r8["seconds"], "mean_abs_diff_m": float(d.mean()),
-            "max_abs_diff_m": float(d.max()), "fp32_mean_height_m": float(np.nanmean(x))}
+    runs["int8"] = run_ours(q, src, tmp / "int8.tif", tile, overlap, batch, "cpu", "fp32")
+    with rasterio.open(tmp / "fp32.tif") as d:
+        ref = d.read(1)
+    out = {}
+    for name, r in runs.items():
+        with rasterio.open(tmp / f"{name}.tif") as d:
+            y = d.read(1)
+        diff = np.abs(ref - y)[np.isfinite(ref) & np.isfinite(y)]
+        out[name] = {"seconds": r["seconds"], "km2_h": mpx / r["seconds"] * 3600 / KM2_MPX_0P6,
+                     "speedup_vs_fp32": runs["fp32"]["seconds"] / r["seconds"], "mean_abs_diff_m": float(diff.mean()),
+                     "max_abs_diff_m": float(diff.max()), "mean_height_m": float(np.nanmean(y))}
+    return out
 
 
 def main(argv=None) -> int:
@@ -187,7 +199,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--skip-peer", action="store_true")
-    p.add_argument("--skip-int8", action="store_true")
+    p.add_argument("--skip-variants", "--skip-int8", dest="skip_variants", action="store_true",
+                   help="CPU: skip the fp32 / bf16 / int8 comparison")
     p.add_argument("--json", help="also write the results as JSON")
     a = p.parse_args(argv)
     if a.device == "cuda" and not torch.cuda.is_available():
@@ -218,10 +231,8 @@ def main(argv=None) -> int:
             peer = run_peer(tmp / "hf", src, tmp / "peer.tif", a.tile, a.overlap, a.device)
             res["peer"] = {**peer, "mpx_s": mpx / peer["seconds"], "km2_h": mpx / peer["seconds"] * 3600 / KM2_MPX_0P6}
             res["ratio_ours_over_peer"] = res["ours"]["mpx_s"] / res["peer"]["mpx_s"]
-        if not a.skip_int8 and a.device == "cpu":
-            res["int8"] = int8_check(model.cpu(), src, tmp, a.tile, a.overlap, a.batch_size)
-            res["int8"]["int8_km2_h"] = mpx / res["int8"]["int8_s"] * 3600 / KM2_MPX_0P6
-            res["int8"]["fp32_km2_h"] = mpx / res["int8"]["fp32_s"] * 3600 / KM2_MPX_0P6
+        if not a.skip_variants and a.device == "cpu":
+            res["cpu_variants"] = cpu_variants(model.cpu(), src, tmp, a.tile, a.overlap, a.batch_size, mpx)
     print(f"chm_predict bench — {res['device_name']}, arch {arch}, {size}² px raster, tile {a.tile}, overlap "
           f"{a.overlap}, {res['precision']}")
     print(f"{'pipeline':<28}{'seconds':>9}{'Mpx/s':>9}{'km²/h @0.6m':>13}{'peak mem MiB':>14}")
@@ -231,12 +242,14 @@ def main(argv=None) -> int:
         print(f"{name:<28}{r['seconds']:>9.2f}{r['mpx_s']:>9.3f}{r['km2_h']:>13.2f}{mem:>14.0f}")
     if "ratio_ours_over_peer" in res:
         print(f"ratio ours/peer (Mpx/s): {res['ratio_ours_over_peer']:.2f}x  (goal >= 1.5x)")
-    if "int8" in res:
-        i = res["int8"]
-        print(f"int8 dynamic vs fp32 (ours): {i['int8_s']:.2f} s vs {i['fp32_s']:.2f} s "
-              f"({i['fp32_s'] / i['int8_s']:.2f}x), {i['int8_km2_h']:.2f} vs {i['fp32_km2_h']:.2f} km²/h; height diff "
-              f"mean {i['mean_abs_diff_m']:.4f} m, max {i['max_abs_diff_m']:.4f} m (fp32 mean height "
-              f"{i['fp32_mean_height_m']:.2f} m)")
+    if "cpu_variants" in res:
+        print(f"\nCPU precision variants of ours (same weights; bf16 only where the CPU has native bf16):")
+        print(f"{'variant':<22}{'seconds':>9}{'km²/h @0.6m':>13}{'vs fp32':>9}{'mean |dh| m':>13}{'max |dh| m':>12}")
+        labels = {"fp32": "fp32", "bf16": "bf16 autocast", "int8": "int8 dynamic (Linear)"}
+        for name, v in res["cpu_variants"].items():
+            print(f"{labels[name]:<22}{v['seconds']:>9.2f}{v['km2_h']:>13.2f}{v['speedup_vs_fp32']:>8.2f}x"
+                  f"{v['mean_abs_diff_m']:>13.4f}{v['max_abs_diff_m']:>12.4f}")
+        print(f"(fp32 mean height {res['cpu_variants']['fp32']['mean_height_m']:.2f} m; random weights)")
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=2, default=float))
     return 0

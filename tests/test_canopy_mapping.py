@@ -22,7 +22,7 @@ from eo_dinov3.canopy.mapping import (  # noqa: E402
     weight_sum,
 )
 from eo_dinov3.data.normalization import normalize  # noqa: E402
-from eo_dinov3.errors import DataError  # noqa: E402
+from eo_dinov3.errors import ConfigError, DataError  # noqa: E402
 
 UTM = "EPSG:32610"
 T06 = from_origin(500000.0, 4000000.0, 0.6, 0.6)
@@ -392,3 +392,24 @@ def test_peak_memory_bounded_on_4000px_raster(tmp_path: Path) -> None:
     # high-water mark across fork+exec (a big pytest process would be counted)
     assert res["peak_rss_sampled_mib"] < 2048, res
     assert res["output_mib"] > 1  # a real output was written
+
+
+def test_bf16_precision_close_to_fp32_and_tagged(tmp_path):
+    """``precision="bf16"`` (autocast on CPU) gives heights close to fp32, records PRECISION in the tags, and the
+    fp32 path (channels-last convolution weights) is still checked against whole-image inference by the tests above."""
+    from eo_dinov3.canopy.mapping import resolve_precision
+
+    model = EdgeArtefactNet()
+    src = write_rgb(tmp_path / "in.tif", texture(200, 230, seed=3), crs=UTM, transform=T06)
+    f32 = predict_raster(model, src, tmp_path / "f32.tif", tile=128, overlap=32, progress=False, device="cpu")
+    b16 = predict_raster(model, src, tmp_path / "b16.tif", tile=128, overlap=32, progress=False, device="cpu",
+                         precision="bf16")
+    with rasterio.open(f32) as a, rasterio.open(b16) as b:
+        x, y = a.read(1), b.read(1)
+        assert a.tags()["PRECISION"] == "fp32" and b.tags()["PRECISION"] == "bf16 autocast"
+    d = np.abs(x - y)
+    assert 0 < d.mean() < 0.05 * np.abs(x).mean() + 0.05  # bf16 really ran, and stays close to fp32
+    assert resolve_precision("auto", "cuda") == "bf16" and resolve_precision("auto", "cpu") == "fp32"
+    with pytest.raises(ConfigError, match="precision"):
+        predict_raster(model, src, tmp_path / "bad.tif", precision="fp16", progress=False, device="cpu")
+    assert not (tmp_path / "bad.tif").exists()

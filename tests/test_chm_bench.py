@@ -1,5 +1,6 @@
 """Smoke test of bench/chm_predict.py on a micro model (no timing assertion): both pipelines run on the same
-tiles, the table and JSON are produced, int8 differences are finite."""
+tiles, the table and JSON are produced, the CPU fp32 / bf16 / int8 variants run and differ from fp32 by finite,
+small height differences."""
 
 from __future__ import annotations
 
@@ -40,9 +41,15 @@ def test_chm_bench_smoke(tmp_path, capsys):
     assert r["ours"]["mpx_s"] > 0 and r["ours"]["km2_h"] == pytest.approx(r["ours"]["mpx_s"] * 3600 / (1 / 0.36))
     if _has_hf_chmv2():
         assert "transformers CHMv2 loop" in out and r["ratio_ours_over_peer"] > 0
-    i = r["int8"]
-    assert 0 <= i["mean_abs_diff_m"] <= i["max_abs_diff_m"] < 96  # heights stay within the mixlog range
-    assert i["fp32_mean_height_m"] > 0
+    v = r["cpu_variants"]
+    assert v["fp32"]["mean_abs_diff_m"] == 0.0 and v["fp32"]["speedup_vs_fp32"] == 1.0
+    assert v["fp32"]["mean_height_m"] > 0
+    expected = {"fp32", "int8"} | ({"bf16"} if bench.cpu_has_native_bf16() else set())
+    assert set(v) == expected
+    for name in expected - {"fp32"}:
+        i = v[name]
+        assert 0 < i["mean_abs_diff_m"] <= i["max_abs_diff_m"] < 96  # heights stay within the mixlog range
+        assert "CPU precision variants" in out
 
 
 def test_tile_grid_covers_raster():

@@ -47,7 +47,11 @@ Pipeline (``reliability.md`` §5, ``canopy_height.md`` §3):
    hidden temporary name in the destination folder and renames it into place; the sidecars are then deleted. A
    failure leaves no ``dst`` file. Bad *input* (corrupt pixels, all nodata) also deletes the sidecars; any other
    interruption keeps them for resuming.
-10. **Devices and clusters.** Batches go to ``device`` (default CUDA when available) in bf16 autocast on CUDA.
+10. **Devices and clusters.** Batches go to ``device`` (default CUDA when available). ``precision="auto"`` runs bf16
+    autocast on CUDA and fp32 on CPU; ``precision="bf16"`` also uses bf16 autocast on CPUs with native bf16
+    (AVX512-BF16 / AMX: about 1.9× faster for ViT-L CHMv2, heights within ~0.05 m mean of fp32 — see
+    ``bench/chm_predict.py``). Convolution weights are put in channels-last layout (``model.to(memory_format=
+    torch.channels_last)``, in place; values unchanged), which oneDNN/cuDNN run faster for the DPT head.
     ``workers=N`` (a local threaded ``dask.distributed`` cluster) or ``scheduler=ADDRESS`` (or a ``Client``) computes
     row-strips in parallel on the cluster (each task opens the input itself, runs the model — shipped once to every
     worker — and returns its strip); the main process blends and writes in order, with at most 2 strips per worker
@@ -317,6 +321,37 @@ class StripJob:
     scale: tuple[tuple[float, float], ...] | None  # per band (lo, hi) → (x - lo) / (hi - lo); None = / 255
     batch_size: int
     device: str
+    precision: str = "fp32"  # "fp32" or "bf16" (autocast), resolved by :func:`resolve_precision`
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """``"auto"`` → ``"bf16"`` on CUDA, ``"fp32"`` elsewhere; ``"fp32"``/``"bf16"`` as given.
+
+    Raises:
+        ConfigError: an unknown precision.
+    """
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    dev = str(device).split(":")[0]
+    if precision == "auto":
+        return "bf16" if dev == "cuda" else "fp32"
+    if precision == "bf16" and dev == "cpu" and not cpu_has_native_bf16():
+        warnings.warn("precision bf16 on a CPU without native bf16 (AVX512-BF16/AMX) is emulated and slower than "
+                      "fp32; use --precision fp32", stacklevel=3)
+    return precision
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when oneDNN runs bf16 matmuls/convolutions natively on this CPU (AVX512-BF16 or AMX)."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # pragma: no cover - builds without oneDNN
+        return False
 
 
 @contextlib.contextmanager
@@ -350,13 +385,14 @@ def _to_unit(arr: np.ndarray, scale: tuple[tuple[float, float], ...] | None) -> 
     return np.clip(out, 0.0, 1.0, out=out)
 
 
-def _run_model(model: Callable, batch: np.ndarray, device: str) -> np.ndarray:
-    """``batch [B, 3, T, T]`` float32 normalised → heights ``[B, T, T]`` float32 metres."""
+def _run_model(model: Callable, batch: np.ndarray, device: str, precision: str = "fp32") -> np.ndarray:
+    """``batch [B, 3, T, T]`` float32 normalised → heights ``[B, T, T]`` float32 metres (``precision`` ``"bf16"``:
+    autocast on the batch's device)."""
     import torch
 
     x = torch.from_numpy(batch).to(device)
     ctx = (
-        torch.autocast("cuda", dtype=torch.bfloat16) if x.device.type == "cuda" else contextlib.nullcontext()
+        torch.autocast(x.device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
     )
     with torch.inference_mode(), ctx:
         y = model(x)
@@ -408,7 +444,7 @@ def compute_strip(model: Callable, job: StripJob, y0: int) -> tuple[np.ndarray, 
         batch = np.stack([prep(s) for s in group])
         if h < t or wlen < t:  # tiny raster: mirror-pad to a full tile, crop the prediction back
             batch = np.pad(batch, ((0, 0), (0, 0), (0, t - h), (0, t - wlen)), mode="symmetric")
-        pred = _run_model(model, np.ascontiguousarray(batch), job.device)[:, :h, :wlen]
+        pred = _run_model(model, np.ascontiguousarray(batch), job.device, job.precision)[:, :h, :wlen]
         for s, p in zip(group, pred):
             wx = tile_profile(s, wlen, ww, job.overlap, job.margin)
             num[:, s : s + wlen] += p * wy[:, None] * wx[None, :]
@@ -499,6 +535,7 @@ def predict_raster(
     batch_size: int = 4,
     normalization: str = "chmv2",
     device: str | None = None,
+    precision: str = "auto",
     strict_gsd: bool = False,
     model_gsd_m: float = 0.6,
     gsd_tolerance: float = 0.15,
@@ -521,7 +558,9 @@ def predict_raster(
         dst_path: output COG path.
         tile: tile size in px (multiple of 16). overlap: overlap between neighbouring tiles in px (< tile).
         batch_size: tiles per model call. normalization: preset of :mod:`eo_dinov3.data.normalization`.
-        device: ``"cuda"``, ``"cpu"`` …; default CUDA when available (bf16 autocast there).
+        device: ``"cuda"``, ``"cpu"`` …; default CUDA when available.
+        precision: ``"auto"`` (bf16 autocast on CUDA, fp32 on CPU), ``"fp32"`` or ``"bf16"`` (autocast on any
+            device; on CPUs with AVX512-BF16/AMX about 1.9× faster than fp32 for ViT-L CHMv2).
         strict_gsd: refuse instead of resampling when the GSD differs from ``model_gsd_m`` by > ``gsd_tolerance``.
         allow_ungeoreferenced: accept rasters without CRS (GSD assumed to be ``model_gsd_m``).
         out_dtype: ``"float32"`` (metres, NaN nodata) or ``"uint8"`` (whole metres 0–254, nodata 255).
@@ -557,6 +596,7 @@ def predict_raster(
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    precision = resolve_precision(precision, str(device))
     src_path, dst = str(src_path), Path(dst_path)
     dst.parent.mkdir(parents=True, exist_ok=True)
     partial, state_path = _sidecars(dst)
@@ -586,8 +626,10 @@ def predict_raster(
 
     if isinstance(model, torch.nn.Module):
         model.eval().to(device)
+        model.to(memory_format=torch.channels_last)  # conv weights NHWC: faster DPT convolutions, same values
     prov = model_provenance(model)
-    job = StripJob(src_path, tuple(bands), work, tile, overlap, margin, norm.name, scale, batch_size, str(device))
+    job = StripJob(src_path, tuple(bands), work, tile, overlap, margin, norm.name, scale, batch_size, str(device),
+                   precision)
     fingerprint = {
         "src": os.path.abspath(src_path) if st else src_path,
         "src_size": st.st_size if st else None,
@@ -630,6 +672,7 @@ def predict_raster(
             "QUANTITY": "canopy height above ground",
             "NORMALIZATION": f"{norm.name} mean={list(norm.mean)} std={list(norm.std)}",
             "INPUT_SCALING": "uint8 / 255" if scale is None else f"per band (x - lo) / (hi - lo), (lo, hi)={scale}",
+            "PRECISION": {"bf16": "bf16 autocast", "fp32": "fp32"}[precision],
             "TILE": str(tile), "OVERLAP": str(overlap), "BLEND": f"raised cosine, margin {margin} px",
             "INPUT_GSD_M": f"{work.input_gsd_m[0]:.4g} {work.input_gsd_m[1]:.4g}",
             "MODEL_GSD_M": str(model_gsd_m),

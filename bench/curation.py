@@ -3,12 +3,15 @@
 
 100 000 unit embeddings of dimension 384 in 10 "land-cover types" (type 0 = 90 % of the rows) are written to an
 on-disk :class:`~eo_dinov3.data.curation.store.EmbeddingStore` (float16 shards, the embed step's storage path),
-then clustered by hierarchical k-means (default 1000 → 100 → 10, resampling on the upper levels), de-duplicated,
-retrieved from and sampled. Peak RSS is the process maximum (``ru_maxrss``); ``--stream`` keeps the rows on disk
+then, for each hierarchy in ``--levels`` (default 1000 → 10 and 1000 → 100 → 10, resampling on the upper levels),
+clustered by hierarchical k-means, de-duplicated, retrieved from and sampled; the table gives the share of the
+dominant type in the archive and in the curated sample against its fair share (1 / number of types).
+Peak RSS is the process maximum (``ru_maxrss``); ``--stream`` keeps the rows on disk
 and streams every k-means pass from the memory-mapped shards (bounded memory for archives larger than RAM).
 ``--embed-batches K`` also times the backbone forward (``--backbone``, random weights) on K random batches.
 
-    python bench/curation.py                       # CPU
+    python bench/curation.py                       # CPU, 2 and 3 levels
+    python bench/curation.py --levels 1000,100,10  # one hierarchy
     python bench/curation.py --device cuda         # same code on the GPU (bf16 autocast for the backbone)
 """
 
@@ -61,7 +64,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=100_000)
     p.add_argument("--dim", type=int, default=384)
-    p.add_argument("--levels", default="1000,100,10", help="clusters per level, bottom first")
+    p.add_argument("--levels", nargs="+", default=["1000,10", "1000,100,10"],
+                   help="one or more hierarchies, clusters per level bottom first (e.g. 1000,100,10)")
+    p.add_argument("--types", type=int, default=10, help="land-cover types (type 0 holds 90 %% of the rows)")
     p.add_argument("--resamples", type=int, default=10, help="resampling steps on levels above the first")
     p.add_argument("--sample-size", type=int, default=3)
     p.add_argument("--n-iters", type=int, default=20)
@@ -101,29 +106,41 @@ def main() -> int:
         dt = float(rows[-1][1].split()[0])
         rows.append(("  -> throughput", f"{a.embed_batches * a.batch_size / dt:8.1f} tiles/s"))
 
+    fair = 1.0 / a.types
     with tempfile.TemporaryDirectory(dir=a.workdir) as tmp:
         store, lab = timed(f"write store ({a.n} x {a.dim} float16)",
-                           lambda: synthetic_store(Path(tmp) / "emb", a.n, a.dim, 10, 0.9, 10_000))
-        ks = [int(k) for k in a.levels.split(",")]
-        levels = [LevelConfig(ks[0])] + [LevelConfig(k, n_resamples=a.resamples, sample_size=a.sample_size)
-                                         for k in ks[1:]]
-        h = timed(f"hierarchical k-means {a.levels} ({'streamed' if a.stream else 'resident'})",
-                  lambda: hierarchical_kmeans(store, levels, n_iters=a.n_iters, seed=0, device=device,
-                                              resident_bytes=0 if a.stream else 4 << 30))
-        dup = timed("near-duplicates (cos >= 0.98, per leaf)",
-                    lambda: near_duplicates(store, h.parents[0], 0.98, priority=h.dist2, device=device))
-        seeds = store.take(np.flatnonzero(lab == 3)[:20])
-        ret, _ = timed("retrieval (k = 10 % of target, 20 seeds)",
-                       lambda: retrieve_nearest(store, seeds, a.target // 10, mask=~dup, device=device))
-        mask = ~dup
-        mask[ret] = False
-        pos = timed(f"balanced sample ({a.target - len(ret)})",
-                    lambda: balanced_sample(h, a.target - len(ret), seed=0, mask=mask))
-    share = np.bincount(lab[pos], minlength=10) / len(pos)
-    rows.append(("dominant type share: archive -> balanced", f"{(lab == 0).mean():.3f} -> {share[0]:.3f} "
-                 f"(fair 0.100; minor types {share[1:].min():.3f}-{share[1:].max():.3f})"))
-    rows.append(("retrieved tiles of the seed type", f"{(lab[ret] == 3).mean():.3f}"))
-    rows.append(("duplicates removed", f"{int(dup.sum())}"))
+                           lambda: synthetic_store(Path(tmp) / "emb", a.n, a.dim, a.types, 0.9, 10_000))
+        shares = []
+        for spec in a.levels:
+            ks = [int(k) for k in spec.split(",")]
+            levels = [LevelConfig(ks[0])] + [LevelConfig(k, n_resamples=a.resamples, sample_size=a.sample_size)
+                                             for k in ks[1:]]
+            tag = f"{len(ks)} levels {'-'.join(map(str, ks))}"
+            h = timed(f"[{tag}] hierarchical k-means ({'streamed' if a.stream else 'resident'})",
+                      lambda: hierarchical_kmeans(store, levels, n_iters=a.n_iters, seed=0, device=device,
+                                                  resident_bytes=0 if a.stream else 4 << 30))
+            dup = timed(f"[{tag}] near-duplicates (cos >= 0.98, per leaf)",
+                        lambda: near_duplicates(store, h.parents[0], 0.98, priority=h.dist2, device=device))
+            seeds = store.take(np.flatnonzero(lab == 3)[:20])
+            ret, _ = timed(f"[{tag}] retrieval (k = 10 % of target, 20 seeds)",
+                           lambda: retrieve_nearest(store, seeds, a.target // 10, mask=~dup, device=device))
+            mask = ~dup
+            mask[ret] = False
+            pos = timed(f"[{tag}] balanced sample ({a.target - len(ret)})",
+                        lambda: balanced_sample(h, a.target - len(ret), seed=0, mask=mask))
+            share = np.bincount(lab[pos], minlength=a.types) / len(pos)
+            top_types = np.bincount(h.labels(h.n_levels - 1), weights=lab == 0, minlength=ks[-1]) > 0
+            whole = float((lab[np.concatenate([ret, pos])] == 0).mean())
+            shares.append((tag, share, whole, int(top_types.sum()), len(ret), int(dup.sum()),
+                           (lab[ret] == 3).mean()))
+    rows.append(("", ""))
+    for tag, share, whole, n_top0, n_ret, n_dup, ret_ok in shares:
+        rows.append((f"[{tag}] dominant type share: archive -> balanced",
+                     f"{(lab == 0).mean():.3f} -> {share[0]:.3f}  (fair {fair:.3f}; minor types "
+                     f"{share[1:].min():.3f}-{share[1:].max():.3f}; dominant type in {n_top0} top clusters)"))
+        rows.append((f"[{tag}] dominant type share of the whole curated set", f"{whole:.3f}  (with retrieval)"))
+        rows.append((f"[{tag}] retrieved tiles of the seed type (type 3)", f"{ret_ok:.3f} of {n_ret}"))
+        rows.append((f"[{tag}] duplicates removed", f"{n_dup}"))
     rows.append(("device / torch threads",
                  f"{device} / {torch.get_num_threads()}  (load avg {os.getloadavg()[0]:.1f})"))
     w = max(len(r[0]) for r in rows)

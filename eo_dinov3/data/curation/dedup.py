@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from eo_dinov3.data.curation.kmeans import single_thread_if_small
 from eo_dinov3.data.curation.store import as_rows
 
 
@@ -41,12 +42,13 @@ def near_duplicates(data, groups: np.ndarray, threshold: float, *, priority: np.
             continue
         e = F.normalize(torch.from_numpy(src.take(seg)).to(device), dim=1)
         is_dup = torch.zeros(len(seg), dtype=torch.bool, device=device)
-        for s in range(1, len(seg), block_rows):
-            blk = e[s:s + block_rows]
-            sim = blk @ e[:s + len(blk)].T  # [b, s + b]: earlier rows of the group, and the block itself
-            later = torch.arange(s + len(blk), device=device)[None, :] >= torch.arange(s, s + len(blk),
-                                                                                      device=device)[:, None]
-            sim.masked_fill_(later, -2.0)
-            is_dup[s:s + len(blk)] = sim.max(1).values >= threshold
+        with single_thread_if_small(device, float(len(seg)) ** 2 * e.shape[1]):  # leaves are small: no thread pool
+            for s in range(1, len(seg), block_rows):
+                blk = e[s:s + block_rows]
+                sim = blk @ e[:s + len(blk)].T  # [b, s + b]: earlier rows of the group, and the block itself
+                later = torch.arange(s + len(blk), device=device)[None, :] >= torch.arange(
+                    s, s + len(blk), device=device)[:, None]
+                sim.masked_fill_(later, -2.0)
+                is_dup[s:s + len(blk)] = sim.max(1).values >= threshold
         dup[seg] = is_dup.cpu().numpy()
     return dup

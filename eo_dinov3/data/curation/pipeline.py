@@ -38,7 +38,8 @@ import torch
 from eo_dinov3.data.curation.dedup import near_duplicates
 from eo_dinov3.data.curation.embed import EmbedJob, embed_manifest, embed_manifest_dask, resolve_device, unit_offsets
 from eo_dinov3.data.curation.embedder import EmbedderSpec
-from eo_dinov3.data.curation.hierarchy import Hierarchy, hierarchical_kmeans, levels_from_config
+from eo_dinov3.data.curation.hierarchy import (ALGORITHM_VERSION, Hierarchy, hierarchical_kmeans,
+                                                levels_from_config)
 from eo_dinov3.data.curation.retrieval import retrieve_nearest
 from eo_dinov3.data.curation.sampling import balanced_sample
 from eo_dinov3.data.curation.store import ArrayRows, EmbeddingStore
@@ -129,8 +130,8 @@ def read_rows(manifest: str, row_ids: np.ndarray, *, block_rows: int = 4096, csv
 
 
 def _fingerprint(cfg: dict[str, Any], store: EmbeddingStore) -> dict[str, Any]:
-    return {"cluster": cfg["cluster"], "seed": cfg["seed"], "num_rows": store.num_rows,
-            "units": len(store.completed_units()), "spec": store.meta["spec"]}
+    return {"cluster": cfg["cluster"], "algorithm": ALGORITHM_VERSION, "seed": cfg["seed"],
+            "num_rows": store.num_rows, "units": len(store.completed_units()), "spec": store.meta["spec"]}
 
 
 def cluster_step(cfg: dict[str, Any], store: EmbeddingStore, out: Path, device: torch.device) -> Hierarchy:

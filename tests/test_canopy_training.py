@@ -20,6 +20,7 @@ from rasterio.transform import from_origin  # noqa: E402
 
 from eo_dinov3.canopy import datasets as ds  # noqa: E402
 from eo_dinov3.canopy import training as tr  # noqa: E402
+from eo_dinov3.errors import DataError  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------------ losses
@@ -157,6 +158,30 @@ def test_spatial_split_and_grid_chips():
     assert covered[:, val.col0 :].all() and not covered[:, : val.col0].any()
 
 
+def test_blocked_split_checkerboard_with_gap():
+    shape, gap = (287, 601), 32
+    for fold in (0, 1):
+        train, val = ds.blocked_split(shape, block_px=128, gap_px=gap, fold=fold)
+        lab = np.zeros(shape, int)  # 1 train, 2 val
+        for regions, v in ((train, 1), (val, 2)):
+            for r in regions:
+                assert (lab[r.row0 : r.row1, r.col0 : r.col1] == 0).all()  # no overlap
+                lab[r.row0 : r.row1, r.col0 : r.col1] = v
+        assert len(train) + len(val) == 2 * 5 and abs(len(train) - len(val)) <= 1
+        # nearest train and validation pixels are >= gap apart (Chebyshev distance)
+        from scipy import ndimage
+
+        d = ndimage.distance_transform_cdt(lab != 1, metric="chessboard")
+        assert d[lab == 2].min() >= gap
+        assert 0.45 < (lab > 0).mean() < 0.85  # the gaps cost something, not everything
+    t0, v0 = ds.blocked_split(shape, 128, gap, 0)
+    t1, v1 = ds.blocked_split(shape, 128, gap, 1)
+    assert set(v0) == set(t1) and set(t0) == set(v1)  # the two folds swap roles
+    assert ds.bounding_region(v0) == ds.Region(0, 287, 0, 601)
+    with pytest.raises(DataError):
+        ds.blocked_split(shape, 128, gap, fold=2)
+
+
 def test_config_rejects_unknown_keys():
     from eo_dinov3.errors import ConfigError
 
@@ -212,3 +237,23 @@ def test_train_head_end_to_end_resume_and_predict(tmp_path):
 
     assert cli_main(["chm", "predict", str(tmp_path / "rgb.tif"), "--model", str(out / "best.pt"),
                      "--out", str(tmp_path / "pred_cli.tif"), "--tile", "64", "--overlap", "16"]) == 0
+
+
+def test_train_head_blocked_split_scores_only_validation_blocks(tmp_path):
+    rgb, chm = _scene(192, seed=3)
+    tf = from_origin(500000, 4900000, 0.6, 0.6)
+    _write(tmp_path / "rgb.tif", rgb, "EPSG:32610", tf)
+    _write(tmp_path / "chm.tif", chm, "EPSG:32610", tf)
+    pairs = f"data.pairs=[{{image: {tmp_path / 'rgb.tif'}, target: {tmp_path / 'chm.tif'}}}]"
+    cfg = tr.load_config(None, TINY + [f"output_dir={tmp_path / 'run'}", "train.epochs=3", "data.split=blocks",
+                                       "data.block_px=96", "data.gap_px=16", "log.tensorboard=false", pairs])
+    t = tr.HeadTrainer(cfg, log=lambda *a: None)
+    s = t.splits[0]
+    assert len(s.train) == 2 and len(s.val) == 2 and s.val_mask.mean() < 0.5
+    m = t.run()
+    canvas = t.last_canvases[0]
+    assert np.isfinite(canvas[s.val_mask]).all()  # every validation pixel predicted ...
+    assert m["n_pixels"] == int(s.val_mask.sum())  # ... and only those are scored
+    assert m["mae"] < m["baseline_mean_mae"], m
+    with pytest.raises(tr.ConfigError, match="data.split"):
+        tr.HeadTrainer(tr.load_config(None, ["data.split=random", f"output_dir={tmp_path / 'x'}", pairs]))

@@ -41,7 +41,7 @@ def test_autzen_heights_are_metres(autzen_chm) -> None:
         assert d.transform.a == pytest.approx(0.6 / FOOT_M, rel=1e-12)
         assert d.transform.e == pytest.approx(-0.6 / FOOT_M, rel=1e-12)
     v = chm[np.isfinite(chm)]
-    assert v.size > 0.5 * chm.size
+    assert 0.45 * chm.size < v.size < 0.6 * chm.size  # the river (isolated returns only) stays nodata: ~51 %
     assert v.min() >= 0.0
     assert 20.0 < v.max() < 60.0  # tallest trees/lights: metres, not feet (feet would be > 65)
     tall = v[v > 3.0]
@@ -155,7 +155,72 @@ def test_tin_grid_matches_scipy_linear_interpolation() -> None:
 def test_cli_from_lidar(autzen: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from eo_dinov3.cli import main
 
-    assert main(["chm", "from-lidar", str(autzen), "--resolution", "1.2", "--out", str(tmp_path / "c.tif")]) == 0
+    assert main(["chm", "from-lidar", str(autzen), "--resolution", "1.2", "--min-coverage", "0.5",
+                 "--out", str(tmp_path / "c.tif")]) == 0
     assert "heights in metres" in capsys.readouterr().out
     with rasterio.open(tmp_path / "c.tif") as d:
         assert d.transform.a == pytest.approx(1.2 / FOOT_M)
+
+
+def _patch_and_isolated_las(path: Path) -> None:
+    """Metre-unit cloud, flat ground z = 100 (class 2), colour (200, 50, 50): a dense 20 m x 20 m patch (25 pts/m²)
+    with an empty 2 m x 2 m hole at x, y in [9, 11), and east of it, over x in [30, 50), isolated returns 5 m apart
+    (like a lidar cloud over water)."""
+    from pyproj import CRS
+
+    rng = np.random.default_rng(0)
+    px, py = rng.uniform(0, 20, 10000), rng.uniform(0, 20, 10000)
+    keep = ~((px >= 9) & (px < 11) & (py >= 9) & (py < 11))
+    px, py = px[keep], py[keep]
+    ix, iy = np.meshgrid(np.arange(30.2, 50, 5.0), np.arange(2.2, 20, 5.0))
+    x = np.r_[px, ix.ravel()] + 500000.0
+    y = np.r_[py, iy.ravel()] + 4000000.0
+    header = laspy.LasHeader(point_format=3, version="1.2")
+    header.offsets = [500000.0, 4000000.0, 0.0]
+    header.scales = [0.001, 0.001, 0.001]
+    header.add_crs(CRS.from_epsg(32610))
+    las = laspy.LasData(header)
+    las.x, las.y, las.z = x, y, np.full(len(x), 100.0)
+    las.classification = np.full(len(x), 2, np.uint8)
+    las.return_number = np.ones(len(x), np.uint8)
+    las.number_of_returns = np.ones(len(x), np.uint8)
+    las.red, las.green, las.blue = (np.full(len(x), v * 256, np.uint16) for v in (200, 50, 50))
+    las.write(str(path))
+
+
+def test_density_aware_gap_fill(tmp_path: Path) -> None:
+    """A small hole inside covered ground is filled; isolated returns stay single cells (no discs) unless
+    min_coverage=0, in CHM and RGB alike."""
+    from eo_dinov3.canopy.lidar import fill_mask
+
+    _patch_and_isolated_las(tmp_path / "c.las")
+    grids = {}
+    for cov in (0.5, 0.0):
+        r = chm_from_lidar(tmp_path / "c.las", tmp_path / f"chm{cov}.tif", resolution_m=0.5, gap_fill_px=4,
+                           min_coverage=cov, rgb_out=tmp_path / f"rgb{cov}.tif")
+        with rasterio.open(r.chm_path) as c, rasterio.open(r.rgb_path) as g:
+            chm, rgb, t = c.read(1), g.read(), c.transform
+        assert (np.isfinite(chm) == (rgb > 0).any(axis=0)).all()  # one mask for both rasters
+        grids[cov] = chm, rgb
+    xs = (np.arange(chm.shape[1]) + 0.5) * t.a + t.c - 500000.0
+    ys = t.f - (np.arange(chm.shape[0]) + 0.5) * 0.5 - 4000000.0
+    xx, yy = np.meshgrid(xs, ys)
+    hole = (xx > 9.2) & (xx < 10.8) & (yy > 9.2) & (yy < 10.8)
+    water = xx > 29.0
+    chm, rgb = grids[0.5]
+    assert hole.sum() >= 9 and np.isfinite(chm[hole]).all()  # filled: ground height, point colour
+    np.testing.assert_allclose(chm[hole], 0.0, atol=1e-3)
+    assert (rgb[0][hole] == 200).all()
+    n_iso = 16
+    assert np.isfinite(chm[water]).sum() == n_iso  # each isolated return is one cell, nothing around it
+    chm0, _ = grids[0.0]
+    assert np.isfinite(chm0[water]).sum() > 20 * n_iso  # the plain distance rule grows ~49-cell discs
+    # the mask on its own: a 1-px hole in full coverage is filled, a lone cell is not grown, bounds checked
+    v = np.ones((20, 20), bool)
+    v[10, 10] = False
+    assert fill_mask(v, 3, 0.5).all()
+    lone = np.zeros((20, 20), bool)
+    lone[5, 5] = True
+    assert (fill_mask(lone, 3, 0.5) == lone).all() and fill_mask(lone, 3, 0.0).sum() == 29
+    with pytest.raises(DataError, match="min_coverage"):
+        fill_mask(v, 3, 1.5)

@@ -72,6 +72,9 @@ def register(subparsers: Any) -> None:
     lz.add_argument("--rgb-out", help="also rasterise the point colours on the same grid")
     lz.add_argument("--returns", choices=("first", "all"), default="first")
     lz.add_argument("--gap-fill", type=int, default=4, help="fill empty cells within N px of data (default 4)")
+    lz.add_argument("--min-coverage", type=float, default=0.5,
+                    help="fill a gap only where >= this fraction of the cells within --gap-fill px hold returns "
+                         "(default 0.5; keeps isolated returns over water from becoming discs; 0 = always fill)")
     lz.add_argument("--crs", help="CRS of the cloud when the header has none (e.g. EPSG:2994)")
     lz.add_argument("--z-unit", help="vertical unit when the header is wrong/silent: m, ft, us-ft")
     lz.set_defaults(func=_from_lidar)
@@ -198,7 +201,8 @@ def _from_lidar(args: argparse.Namespace) -> int:
 
     z_unit: Any = args.z_unit
     r = chm_from_lidar(args.cloud, args.out, resolution_m=args.resolution, returns=args.returns,
-                       gap_fill_px=args.gap_fill, rgb_out=args.rgb_out, crs=args.crs, z_unit=z_unit)
+                       gap_fill_px=args.gap_fill, min_coverage=args.min_coverage, rgb_out=args.rgb_out,
+                       crs=args.crs, z_unit=z_unit)
     print(f"wrote {r.chm_path} ({r.grid.width} x {r.grid.height} px of {args.resolution} m = {r.grid.pixel:.4f} "
           f"CRS units; heights in metres, z x {r.z_to_metre:g} [{r.z_source}]); max {r.max_height_m:.1f} m, "
           f"{100 * r.valid_fraction:.0f}% of cells valid, {r.n_points} points ({r.n_ground} ground)")

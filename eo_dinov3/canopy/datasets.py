@@ -8,6 +8,10 @@ transform, width, height as the image; bilinear by default, nodata → NaN). Not
 Spatial split (:func:`spatial_split`): the image columns are cut into a west (train) and east (validation) part
 with a ``gap_px`` strip in between, so no chip of one split overlaps the other and the nearest pixels of the two
 splits are ``gap_px`` apart (spatial autocorrelation would otherwise inflate validation scores).
+:func:`blocked_split` is spatial block cross-validation (Roberts et al. 2017, *Ecography* 40:913): a checkerboard
+of ``block_px`` blocks, one colour for validation (``fold`` 0 or 1 picks which), with ``gap_px`` between train and
+validation blocks; both splits then sample the whole scene, so a scene whose halves differ (river on one side)
+does not turn validation into an extrapolation test.
 
 Chips (:class:`ChipSampler`): square ``chip`` px windows at random positions inside a region, rejected when less
 than ``min_valid`` of their target pixels are valid; optional random dihedral transform (one of 4 rotations by 90°
@@ -147,6 +151,44 @@ def spatial_split(shape: tuple[int, int], val_fraction: float = 0.5, gap_px: int
     raise DataError(f"axis must be 'x' or 'y', got {axis!r}")
 
 
+def blocked_split(shape: tuple[int, int], block_px: int = 128, gap_px: int = 32,
+                  fold: int = 0) -> tuple[list[Region], list[Region]]:
+    """Checkerboard spatial blocks of an ``(H, W)`` raster: ``(train_regions, val_regions)``.
+
+    Each axis is cut into ``max(2, round(n / block_px))`` near-equal blocks; block ``(i, j)`` is validation when
+    ``(i + j) % 2 == fold``. Every block gives up ``gap_px // 2`` (resp. ``gap_px - gap_px // 2``) pixels along each
+    edge it shares with another block, so train and validation pixels are at least ``gap_px`` apart and no chip
+    of one split overlaps the other.
+    """
+    if fold not in (0, 1):
+        raise DataError(f"fold must be 0 or 1 for a checkerboard split, got {fold}")
+    if block_px <= 0 or gap_px < 0:
+        raise DataError(f"block_px must be > 0 and gap_px >= 0, got {block_px}, {gap_px}")
+
+    def cuts(n: int) -> list[tuple[int, int]]:
+        k = max(2, int(round(n / block_px)))
+        e = np.linspace(0, n, k + 1).round().astype(int)
+        lo, hi = gap_px // 2, gap_px - gap_px // 2
+        out = [(int(a) + (lo if i > 0 else 0), int(b) - (hi if i < k - 1 else 0))
+               for i, (a, b) in enumerate(zip(e[:-1], e[1:]))]
+        if any(b - a <= 0 for a, b in out):
+            raise DataError(f"{n} px split into {k} blocks of {block_px} px leaves nothing after the {gap_px} px gap")
+        return out
+
+    train: list[Region] = []
+    val: list[Region] = []
+    for i, (r0, r1) in enumerate(cuts(shape[0])):
+        for j, (c0, c1) in enumerate(cuts(shape[1])):
+            (val if (i + j) % 2 == fold else train).append(Region(r0, r1, c0, c1))
+    return train, val
+
+
+def bounding_region(regions: list[Region]) -> Region:
+    """Smallest :class:`Region` containing all ``regions``."""
+    return Region(min(r.row0 for r in regions), max(r.row1 for r in regions),
+                  min(r.col0 for r in regions), max(r.col1 for r in regions))
+
+
 def dihedral(arr: np.ndarray, k: int, flip: bool) -> np.ndarray:
     """Rotate the last two axes by ``k`` × 90° (counter-clockwise) and optionally flip left-right afterwards."""
     out = np.rot90(arr, k, axes=(-2, -1))
@@ -238,6 +280,8 @@ __all__ = [
     "ChipSampler",
     "load_pair",
     "spatial_split",
+    "blocked_split",
+    "bounding_region",
     "grid_chips",
     "dihedral",
     "chips_to_tensors",

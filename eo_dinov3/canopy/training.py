@@ -5,10 +5,13 @@
 Pipeline:
 
 * **Data** (:mod:`eo_dinov3.canopy.datasets`): each pair (RGB GeoTIFF + CHM raster in metres, any grid/CRS) is read
-  and the CHM warped onto the image grid in memory; each pair is split spatially (west = train, east = validation,
-  ``data.gap_px`` unused columns between). Training chips are random ``data.chip`` px windows with ≥ ``min_valid``
-  valid target pixels; random 90° rotations + flips are applied identically to image and target.
-  ``data.autzen: true`` builds the real Autzen pair (point-colour RGB + lidar CHM at 0.6 m) from the samples.
+  and the CHM warped onto the image grid in memory; each pair is split spatially: ``data.split: halves`` (west =
+  train, east = validation along ``split_axis``, ``data.gap_px`` unused columns between) or ``blocks`` (checkerboard
+  of ``data.block_px`` blocks, ``data.fold`` picks the validation colour, ``gap_px`` between train and validation
+  blocks: spatial block cross-validation). Training chips are random ``data.chip`` px windows (regions drawn in
+  proportion to their area) with ≥ ``min_valid`` valid target pixels; random 90° rotations + flips are applied
+  identically to image and target. ``data.autzen: true`` builds the real Autzen pair (point-colour RGB + lidar CHM
+  at 0.6 m, density-aware gap filling with ``data.autzen_min_coverage``) from the samples.
 * **Model**: :class:`~eo_dinov3.canopy.model.CanopyHeightModel` = frozen backbone (``backbone.arch``, random init or
   ``backbone.weights``) + :class:`~eo_dinov3.models.dpt.DPTHead` (``head.*``: regression or
   linear/log/``chmv2_mixlog`` bins). Only the head is trained (AdamW, linear warm-up + cosine, grad clipping).
@@ -23,8 +26,9 @@ Pipeline:
   chip positions are fixed. Use ``none`` (fresh random chips + augmentation every step, one backbone pass per chip
   per step) when the backbone is cheap relative to the data or the dataset is small enough to overfit.
 * **Validation** each epoch on the validation regions (chips tiling each region, predictions stitched into a
-  canvas): MAE, RMSE, bias, R², block-R² (50 px blocks) with :class:`~eo_dinov3.canopy.metrics.MetricAccumulator`,
-  next to a constant baseline (the mean training height; the median is logged too).
+  canvas over their bounding box; pixels outside the validation regions are not scored): MAE, RMSE, bias, R²,
+  block-R² (50 px blocks) with :class:`~eo_dinov3.canopy.metrics.MetricAccumulator`, next to a constant baseline
+  (the mean training height; the median is logged too).
 * **Outputs** in ``output_dir``: ``last.pt`` (every epoch, atomic temp + fsync + rename: head, optimizer, schedule,
   step, RNG states → exact resume) and ``best.pt`` (lowest validation MAE), ``metrics.jsonl``, TensorBoard events
   in ``tb/``, ``config.yaml``; a random-init backbone is saved once as ``backbone.pth`` and referenced (with its
@@ -63,10 +67,14 @@ DEFAULTS: dict[str, Any] = {
     "data": {
         "pairs": [],  # [{image: rgb.tif, target: chm.tif}]
         "autzen": False,  # build the Autzen RGB + lidar-CHM pair from the samples into output_dir/data
+        "autzen_min_coverage": 0.5,  # gap-filling rule of that pair (eo_dinov3.canopy.lidar.fill_mask)
         "chip": 128,
         "val_fraction": 0.5,
         "gap_px": 32,
         "split_axis": "x",
+        "split": "halves",  # halves (west/east or north/south by split_axis) | blocks (checkerboard, see block_px)
+        "block_px": 128,  # blocks: block size in pixels (gap_px between train and validation blocks)
+        "fold": 0,  # blocks: which checkerboard colour is validation (0 or 1)
         "min_valid": 0.5,
         "train_chips": 64,
         "augment": True,
@@ -310,31 +318,65 @@ def load_head_checkpoint(path: str | os.PathLike, *, device: str | torch.device 
 # --------------------------------------------------------------------------------------------------- trainer
 @dataclass
 class _Split:
+    """A pair and its training / validation regions; ``val_box`` bounds the validation regions and ``val_mask``
+    (``bool`` of ``val_box``'s shape) marks their pixels inside it."""
+
     pair: Any
-    train: Any
-    val: Any
+    train: list
+    val: list
+    val_box: Any
+    val_mask: np.ndarray
 
 
-def build_autzen_pair(folder: str | os.PathLike, resolution_m: float = 0.6) -> tuple[Path, Path]:
-    """Real RGB + CHM pair from the Autzen lidar sample: the point-colour RGB sample (``autzen_rgb_0p6m``) and a
-    lidar CHM (:func:`eo_dinov3.canopy.lidar.chm_from_lidar`, first returns minus TIN ground) at ``resolution_m``.
-    Note: the CHM is a normalised surface model — buildings count as "height" as well as trees."""
+def _make_split(pair: Any, d: dict[str, Any]) -> _Split:
+    from eo_dinov3.canopy.datasets import blocked_split, bounding_region, spatial_split
+
+    if d["split"] == "halves":
+        tr, va = spatial_split(pair.shape, d["val_fraction"], d["gap_px"], d["split_axis"])
+        train, val = [tr], [va]
+    elif d["split"] == "blocks":
+        train, val = blocked_split(pair.shape, int(d["block_px"]), int(d["gap_px"]), int(d["fold"]))
+    else:
+        raise ConfigError(f"data.split must be 'halves' or 'blocks', got {d['split']!r}")
+    chip = int(d["chip"])
+    small = [r for r in train + val if r.height < chip or r.width < chip]
+    if small:
+        raise ConfigError(f"{pair.name}: split regions of {small[0].height}x{small[0].width} px are smaller than "
+                          f"data.chip={chip}; use a larger data.block_px or a smaller data.chip / data.gap_px")
+    box = bounding_region(val)
+    mask = np.zeros((box.height, box.width), bool)
+    for r in val:
+        mask[r.row0 - box.row0 : r.row1 - box.row0, r.col0 - box.col0 : r.col1 - box.col0] = True
+    return _Split(pair, train, val, box, mask)
+
+
+def build_autzen_pair(folder: str | os.PathLike, resolution_m: float = 0.6,
+                      min_coverage: float = 0.5) -> tuple[Path, Path]:
+    """Real RGB + CHM pair from the Autzen lidar sample (``autzen_laz``), both rasterised from the cloud by
+    :func:`eo_dinov3.canopy.lidar.chm_from_lidar` on one grid at ``resolution_m``: the colour of the highest first
+    return per cell and the lidar CHM (first returns minus TIN ground), with density-aware gap filling
+    (``min_coverage``, see :func:`eo_dinov3.canopy.lidar.fill_mask`; 0 = the plain 4-px distance fill of the
+    ``autzen_rgb_0p6m`` sample, whose discs around isolated returns over the river look like tree crowns).
+    Returns ``(rgb_path, chm_path)``. Note: the CHM is a normalised surface model — buildings count as "height" as
+    well as trees."""
     from eo_dinov3.canopy.lidar import chm_from_lidar
     from eo_dinov3.data.samples import sample_path
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    chm = folder / f"autzen_chm_{resolution_m:g}m.tif"
-    if not chm.is_file():
-        chm_from_lidar(sample_path("autzen_laz"), chm, resolution_m=resolution_m)
-    return Path(sample_path("autzen_rgb_0p6m")), chm
+    tag = f"{resolution_m:g}m_cov{min_coverage:g}"
+    chm, rgb = folder / f"autzen_chm_{tag}.tif", folder / f"autzen_rgb_{tag}.tif"
+    if not (chm.is_file() and rgb.is_file()):
+        chm_from_lidar(sample_path("autzen_laz"), chm, resolution_m=resolution_m, min_coverage=min_coverage,
+                       rgb_out=rgb)
+    return rgb, chm
 
 
 class HeadTrainer:
     """Everything :func:`train` does, step by step (see the module docstring)."""
 
     def __init__(self, cfg: dict[str, Any], log=print):
-        from eo_dinov3.canopy.datasets import load_pair, spatial_split
+        from eo_dinov3.canopy.datasets import load_pair
 
         self.cfg, self.log = cfg, log
         self.out = Path(cfg["output_dir"])
@@ -345,17 +387,16 @@ class HeadTrainer:
         d = cfg["data"]
         pairs = [dict(p) for p in d["pairs"]]
         if d["autzen"]:
-            img, chm = build_autzen_pair(self.out / "data")
+            img, chm = build_autzen_pair(self.out / "data", min_coverage=float(d["autzen_min_coverage"]))
             pairs.append({"image": str(img), "target": str(chm)})
         if not pairs:
             raise ConfigError("no training data: set data.pairs=[{image: ..., target: ...}] or data.autzen=true")
         self.splits = []
         for p in pairs:
             pr = load_pair(p["image"], p["target"], resampling=d["resampling"], max_height_m=d["max_height_m"])
-            tr, va = spatial_split(pr.shape, d["val_fraction"], d["gap_px"], d["split_axis"])
-            self.splits.append(_Split(pr, tr, va))
-        tr_vals = np.concatenate([s.pair.target[s.train.row0:s.train.row1, s.train.col0:s.train.col1].ravel()
-                                  for s in self.splits])
+            self.splits.append(_make_split(pr, d))
+        tr_vals = np.concatenate([s.pair.target[r.row0:r.row1, r.col0:r.col1].ravel()
+                                  for s in self.splits for r in s.train])
         tr_vals = tr_vals[np.isfinite(tr_vals)]
         if tr_vals.size == 0:
             raise DataError("the training regions hold no valid height")
@@ -471,10 +512,10 @@ class HeadTrainer:
 
         d, t = self.cfg["data"], self.cfg["train"]
         rng = np.random.default_rng(int(self.cfg["seed"]) + 1)
-        samplers = self._samplers(rng, augment=False)
+        samplers, p = self._samplers(rng, augment=False)
         out = []
         for _ in range(int(d["train_chips"])):
-            s = samplers[int(rng.integers(len(samplers)))]
+            s = samplers[int(rng.choice(len(samplers), p=p))]
             base = s.sample()
             for v in range(max(1, int(t["cache_views"]))):
                 k, flip = (0, False) if (v == 0 or not d["augment"]) else (int(rng.integers(4)), bool(rng.integers(2)))
@@ -482,20 +523,25 @@ class HeadTrainer:
         del ChipSampler
         return out
 
-    def _samplers(self, rng, augment: bool) -> list:
+    def _samplers(self, rng, augment: bool) -> tuple[list, np.ndarray]:
+        """One chip sampler per training region and the probability of drawing from each (∝ its area)."""
         from eo_dinov3.canopy.datasets import ChipSampler
 
-        return [ChipSampler(s.pair, s.train, self.chip, min_valid=self.cfg["data"]["min_valid"], augment=augment,
-                            seed=int(rng.integers(1 << 31))) for s in self.splits]
+        regions = [(s, r) for s in self.splits for r in s.train]
+        samplers = [ChipSampler(s.pair, r, self.chip, min_valid=self.cfg["data"]["min_valid"], augment=augment,
+                                seed=int(rng.integers(1 << 31))) for s, r in regions]
+        area = np.array([r.height * r.width for _, r in regions], np.float64)
+        return samplers, area / area.sum()
 
     def _val_chip_list(self) -> list:
         from eo_dinov3.canopy.datasets import ChipSampler, grid_chips
 
         out = []
         for si, s in enumerate(self.splits):
-            sampler = ChipSampler(s.pair, s.val, self.chip, augment=False)
-            for r, c in grid_chips(s.val, self.chip):
-                out.append((sampler.crop(r, c), (si, r, c)))
+            for region in s.val:
+                sampler = ChipSampler(s.pair, region, self.chip, augment=False)
+                for r, c in grid_chips(region, self.chip):
+                    out.append((sampler.crop(r, c), (si, r, c)))
         return out
 
     # ---------------------------------------------------------------- one step
@@ -533,9 +579,9 @@ class HeadTrainer:
         else:
             from eo_dinov3.canopy.datasets import chips_to_tensors
 
-            samplers = self._samplers(self.rng, augment=bool(self.cfg["data"]["augment"]))
+            samplers, p = self._samplers(self.rng, augment=bool(self.cfg["data"]["augment"]))
             for _ in range(self.steps_per_epoch):
-                chips = [samplers[int(self.rng.integers(len(samplers)))].sample() for _ in range(bs)]
+                chips = [samplers[int(self.rng.choice(len(samplers), p=p))].sample() for _ in range(bs)]
                 x, y = chips_to_tensors(chips, self.cfg["data"]["normalization"])
                 yield self.encode(x), y.to(self.device)
 
@@ -574,7 +620,7 @@ class HeadTrainer:
         from eo_dinov3.canopy.metrics import MetricAccumulator
 
         self.model.head.eval()
-        canvases = [np.full((s.val.height, s.val.width), np.nan, np.float32) for s in self.splits]
+        canvases = [np.full((s.val_box.height, s.val_box.width), np.nan, np.float32) for s in self.splits]
         bs = int(self.cfg["train"]["batch_size"])
         if self.cfg["train"]["cache_features"] != "none":
             items = self._build_cache("val", self._val_chip_list)
@@ -595,12 +641,13 @@ class HeadTrainer:
             _, pred = self.head_forward(feats)
             pred = pred.float().cpu().numpy()[:, 0]
             for p, (si, r, c) in zip(pred, metas):
-                v = self.splits[si].val
+                v = self.splits[si].val_box
                 canvases[si][r - v.row0 : r - v.row0 + self.chip, c - v.col0 : c - v.col0 + self.chip] = p
         acc = MetricAccumulator(shape=None)
         base_mean, base_median = MetricAccumulator(), MetricAccumulator()
         for s, canvas in zip(self.splits, canvases):
-            truth = s.pair.target[s.val.row0 : s.val.row1, s.val.col0 : s.val.col1]
+            b = s.val_box
+            truth = np.where(s.val_mask, s.pair.target[b.row0 : b.row1, b.col0 : b.col1], np.nan).astype(np.float32)
             part = MetricAccumulator(shape=truth.shape)
             part.update(canvas, truth)
             acc.merge(part)

@@ -121,3 +121,24 @@ def test_probe_runs_on_random_init_vit_and_restores_mode():
     assert np.isfinite(r["auc"]) and r["seconds"] > 0
     with pytest.raises(ValueError):
         cp.crown_probe(vit, split="patch")
+
+
+def test_knn_probe_tells_signal_from_noise():
+    """The k-NN classifier (DINO's weighted vote) separates colour features from random ones, like the linear probe."""
+    colour = cp.crown_probe(cp.PatchColourBaseline(), classifier="knn")
+    noise = cp.crown_probe(RandomPatchFeatures(), classifier="knn")
+    assert colour["classifier"] == "knn" and colour["k"] == cp.KNN_K
+    assert 0.4 < noise["auc"] < 0.6 and 0.4 < noise["balanced_accuracy"] < 0.6
+    assert colour["auc"] > noise["auc"] + 0.05 and colour["balanced_accuracy"] > noise["balanced_accuracy"] + 0.05
+    with pytest.raises(ValueError, match="classifier"):
+        cp.crown_probe(cp.PatchColourBaseline(), classifier="svm")
+
+
+def test_knn_scores_weighted_vote():
+    """Hand-checkable case: a test row identical to the positive training rows scores ~1, between the two clusters
+    the vote follows the similarity weights."""
+    train = torch.tensor([[1.0, 0.0], [1.0, 0.01], [0.0, 1.0], [0.01, 1.0]])
+    y = torch.tensor([1, 1, 0, 0])
+    s = cp.knn_scores(train, y, torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]), k=4)
+    assert s[0] > 0.99 and s[1] < 0.01 and abs(float(s[2]) - 0.5) < 0.01
+    assert cp.knn_scores(train, y, torch.tensor([[1.0, 0.0]]), k=100).shape == (1,)  # k capped at N

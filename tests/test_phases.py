@@ -68,3 +68,23 @@ def test_dense_probe_monitor_is_logged(tmp_path, tiles_dir):
     assert main(["plot-probe", f"tiny={tmp_path / 'probe'}", "--out", str(tmp_path / "curve.png")]) == 0
     png = (tmp_path / "curve.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_knn_probe_runs_at_every_checkpoint(tmp_path, tiles_dir):
+    """``evaluation.knn_probe_every_checkpoint=true``: one k-NN crown probe of the teacher per checkpoint, logged to
+    knn_probe.jsonl, summary.json and plottable."""
+    cfg = load_config(None, tiny_overrides(tmp_path / "knn", tiles_dir, iters=4,
+                                           extra=["evaluation.knn_probe_every_checkpoint=true",
+                                                  "checkpointing.period=2"]))
+    result = Trainer(cfg, progress=False).run()
+    lines = [json.loads(x) for x in (tmp_path / "knn" / "knn_probe.jsonl").read_text().splitlines()]
+    ckpts = sorted(int(p.stem) for p in (tmp_path / "knn" / "ckpt").glob("*.pt"))
+    assert [r["iteration"] for r in lines] == [2, 4] and ckpts[-1] == 4
+    assert all(0.0 <= r["probe/crown_knn_auc"] <= 1.0 for r in lines)
+    assert result.knn_probe == lines
+    assert json.loads((tmp_path / "knn" / "summary.json").read_text())["knn_probe"] == lines
+    from eo_dinov3.cli import main
+
+    out = tmp_path / "knn.png"
+    assert main(["plot-probe", f"tiny={tmp_path / 'knn'}", "--metric", "probe/crown_knn_auc", "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -29,7 +29,11 @@ and the hand-annotated deepforest tree-crown boxes of ``crowns_pixel.csv`` (pixe
    (California oak savanna) — a harder, cross-site test in which colour statistics shift. Features are standardised
    with the training mean/std, then a class-balanced L2 logistic regression (scikit-learn, ``C = 0.1``, fixed — no
    tuning on the test patches) is fitted on the training patches; balanced accuracy (threshold 0.5) and ROC-AUC are
-   computed on the test patches (pooled, and per scene).
+   computed on the test patches (pooled, and per scene). ``classifier="knn"`` replaces the logistic regression by a
+   weighted k-NN vote as in DINO's k-NN evaluation: cosine similarity of L2-normalised features, the ``k = 20``
+   nearest training patches vote with weight ``exp(sim / 0.07)``; the score is the weighted positive fraction and the
+   decision threshold is the training positive fraction (class prior), so balanced accuracy is meaningful with
+   imbalanced labels. No fitting, no hyper-parameter tuned on the test patches.
 
 Caveat: the sample pretraining tiles are cut from these same four scenes, so a backbone pretrained on them has seen
 the test images without labels (transductive self-supervision) — fine for comparing backbones trained on the same
@@ -63,6 +67,32 @@ TEST_SCENES: tuple[str, ...] = ("yell2", "osbs", "sjer")
 DEFAULT_GSD_M = 0.15
 POSITIVE_THRESHOLD = 0.5
 PROBE_C = 0.1
+KNN_K = 20
+KNN_TEMPERATURE = 0.07
+CLASSIFIERS = ("logreg", "knn")
+
+
+def knn_scores(train_x: Tensor, train_y: Tensor, test_x: Tensor, *, k: int = KNN_K,
+               temperature: float = KNN_TEMPERATURE, chunk: int = 4096) -> Tensor:
+    """Weighted k-NN vote (DINO's k-NN evaluation) for a binary label.
+
+    Args:
+        train_x: ``[N, D]`` features; train_y: ``[N]`` labels in {0, 1}; test_x: ``[M, D]`` features.
+        k: neighbours (capped at ``N``); temperature: weights ``exp(cos / temperature)``.
+
+    Returns:
+        ``[M]`` float64: per test row, ``Σ w_i y_i / Σ w_i`` over its ``k`` nearest training rows by cosine similarity.
+    """
+    tr = F.normalize(train_x.float(), dim=1)
+    te = F.normalize(test_x.float(), dim=1)
+    y = train_y.to(torch.float64)
+    k = min(int(k), tr.shape[0])
+    out = []
+    for s in range(0, te.shape[0], chunk):
+        sim, idx = (te[s : s + chunk] @ tr.T).topk(k, dim=1)
+        w = torch.exp((sim.double() - 1.0) / temperature)  # shifted by the max possible cosine: no overflow
+        out.append((w * y[idx]).sum(1) / w.sum(1))
+    return torch.cat(out)
 
 
 @dataclass(frozen=True)
@@ -184,9 +214,10 @@ def _split_rows(n_rows: int, guard: int = 2) -> tuple[slice, slice]:
 
 def crown_probe(backbone: nn.Module, *, normalization: str = "sat493m", device: torch.device | str | None = None,
                 seed: int = 0, split: str = "region", gsd_m: float = DEFAULT_GSD_M, chip_px: int = 224,
-                C: float = PROBE_C) -> dict[str, Any]:
-    """Fit a linear probe for "patch is ≥ 50 % tree crown" on frozen patch features; score it on held-out regions
-    (``split="region"``: bottom halves of all scenes) or images (``split="image"``: yell2, osbs, sjer).
+                C: float = PROBE_C, classifier: str = "logreg", k: int = KNN_K) -> dict[str, Any]:
+    """Fit a linear probe (``classifier="logreg"``) or run a weighted k-NN vote (``"knn"``, ``k`` neighbours) for
+    "patch is ≥ 50 % tree crown" on frozen patch features; score it on held-out regions (``split="region"``: bottom
+    halves of all scenes) or images (``split="image"``: yell2, osbs, sjer).
 
     ``backbone`` has ``patch_size`` and ``forward_features(x) -> {"x_norm_patchtokens": [B, N, D]}`` (e.g.
     :class:`eo_dinov3.models.vision_transformer.DinoVisionTransformer`); it runs in eval mode without gradients and
@@ -194,13 +225,15 @@ def crown_probe(backbone: nn.Module, *, normalization: str = "sat493m", device: 
 
     Returns ``balanced_accuracy`` and ``auc`` (pooled test patches), ``per_image`` ({scene: {auc,
     balanced_accuracy, n_patches, positive_fraction}} on its test part), ``n_train_patches``, ``n_test_patches``,
-    ``train_positive_fraction``, ``test_positive_fraction``, ``feature_dim``, ``split``, ``gsd_m``, ``C``,
-    ``seconds``."""
+    ``train_positive_fraction``, ``test_positive_fraction``, ``feature_dim``, ``split``, ``gsd_m``, ``classifier``,
+    ``C`` (logreg) or ``k`` (knn), ``seconds``."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
     if split not in ("region", "image"):
         raise ValueError(f"split must be 'region' or 'image', got {split!r}")
+    if classifier not in CLASSIFIERS:
+        raise ValueError(f"classifier must be one of {CLASSIFIERS}, got {classifier!r}")
     t0 = time.perf_counter()
     p = int(backbone.patch_size)
     scenes = [load_scene(k, gsd_m, p) for k in SCENES]
@@ -235,13 +268,17 @@ def crown_probe(backbone: nn.Module, *, normalization: str = "sat493m", device: 
     for name, y in (("training", y_tr), ("test", y_te)):
         if y.min() == y.max():
             raise DataError(f"the crown probe's {name} patches are all one class at {gsd_m} m GSD; use a finer gsd_m")
-    mu, sd = x_tr.mean(0), x_tr.std(0)
-    sd[sd < 1e-6] = 1.0
-    x_tr, x_te = (x_tr - mu) / sd, (x_te - mu) / sd
-    clf = LogisticRegression(C=C, class_weight="balanced", max_iter=2000, random_state=seed)
-    clf.fit(x_tr, y_tr)
-    score = clf.predict_proba(x_te)[:, 1]
-    pred = (score >= 0.5).astype(np.int64)
+    if classifier == "knn":
+        score = knn_scores(torch.from_numpy(x_tr), torch.from_numpy(y_tr), torch.from_numpy(x_te), k=k).numpy()
+        pred = (score >= y_tr.mean()).astype(np.int64)
+    else:
+        mu, sd = x_tr.mean(0), x_tr.std(0)
+        sd[sd < 1e-6] = 1.0
+        x_tr, x_te = (x_tr - mu) / sd, (x_te - mu) / sd
+        clf = LogisticRegression(C=C, class_weight="balanced", max_iter=2000, random_state=seed)
+        clf.fit(x_tr, y_tr)
+        score = clf.predict_proba(x_te)[:, 1]
+        pred = (score >= 0.5).astype(np.int64)
     per_image: dict[str, dict[str, float]] = {}
     start = 0
     for key, y_part in zip(test_keys, test_y):
@@ -266,6 +303,7 @@ def crown_probe(backbone: nn.Module, *, normalization: str = "sat493m", device: 
         "feature_dim": int(x_tr.shape[1]),
         "split": split,
         "gsd_m": gsd_m,
-        "C": C,
+        "classifier": classifier,
+        **({"k": min(int(k), int(y_tr.size))} if classifier == "knn" else {"C": C}),
         "seconds": time.perf_counter() - t0,
     }

@@ -110,10 +110,13 @@ def register(subparsers) -> None:
     q.set_defaults(func=run_pca)
     r = subparsers.add_parser(
         "plot-probe", help="plot the dense-probe curves of training runs",
-        description="Plot dense_probe.jsonl (written with evaluation.dense_probe_every=N) of one or more runs, e.g. "
-        "a phase with and without Gram anchoring.")
+        description="Plot dense_probe.jsonl (written with evaluation.dense_probe_every=N) or, for the crown_knn "
+        "metrics, knn_probe.jsonl (evaluation.knn_probe_every_checkpoint=true) of one or more runs, e.g. a phase with "
+        "and without Gram anchoring.")
     r.add_argument("runs", nargs="+", help="run folders, optionally labelled: 'with Gram=runs/gram_demo_cpu'")
-    r.add_argument("--metric", default="probe/crown_auc", choices=["probe/crown_auc", "probe/crown_balanced_accuracy"])
+    r.add_argument("--metric", default="probe/crown_auc", choices=["probe/crown_auc", "probe/crown_balanced_accuracy",
+                                                                 "probe/crown_knn_auc",
+                                                                 "probe/crown_knn_balanced_accuracy"])
     r.add_argument("--out", default="dense_probe.png", help="output PNG (default %(default)s)")
     r.set_defaults(func=run_plot_probe)
 

@@ -99,16 +99,19 @@ def save_pca_picture(backbone, image: Tensor, path: str | Path, title: str = "")
 
 
 def plot_dense_probe(runs: dict[str, str | Path], path: str | Path, metric: str = "probe/crown_auc") -> Path:
-    """Plot the dense-probe curve (``dense_probe.jsonl``) of several runs against iteration (one line per run)."""
+    """Plot the dense-probe curve of several runs against iteration (one line per run): ``dense_probe.jsonl`` for
+    ``probe/crown_*`` metrics, ``knn_probe.jsonl`` (k-NN probe at checkpoints) for ``probe/crown_knn_*``."""
     import json
 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, run in runs.items():
-        f = Path(run) / "dense_probe.jsonl"
+        knn = metric.startswith("probe/crown_knn")
+        f = Path(run) / ("knn_probe.jsonl" if knn else "dense_probe.jsonl")
         if not f.is_file():
-            raise FileNotFoundError(f"{f} not found: run the training with evaluation.dense_probe_every=N")
+            flag = "evaluation.knn_probe_every_checkpoint=true" if knn else "evaluation.dense_probe_every=N"
+            raise FileNotFoundError(f"{f} not found: run the training with {flag}")
         rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
         ax.plot([r["iteration"] for r in rows], [r[metric] for r in rows], marker="o", label=label)
     ax.set_xlabel("iteration (of the phase)")

@@ -69,6 +69,7 @@ class TrainResult:
     pca_pictures: list[Path] = field(default_factory=list)
     collapse_warnings: list[str] = field(default_factory=list)
     dense_probe: list[dict] = field(default_factory=list)
+    knn_probe: list[dict] = field(default_factory=list)
 
 
 class _SignalFlag:
@@ -375,22 +376,27 @@ class Trainer:
         if self.dist.is_main:
             print(f"[eo_dinov3] {msg}", file=sys.stderr, flush=True)
 
-    def _dense_probe(self, writer, metrics_file) -> None:
-        """Tree-crown presence probe on the teacher's patch features (NEON samples): the dense-feature monitor."""
+    def _dense_probe(self, writer, metrics_file, classifier: str = "logreg") -> None:
+        """Tree-crown presence probe on the teacher's patch features (NEON samples): the dense-feature monitor
+        (``classifier="logreg"``, every ``evaluation.dense_probe_every`` iterations) or the k-NN probe at checkpoints
+        (``"knn"``, ``evaluation.knn_probe_every_checkpoint``). Records go to ``dense_probe.jsonl`` / TensorBoard as
+        ``probe/crown_auc`` … or ``probe/crown_knn_auc`` …."""
         from eo_dinov3.evaluation.crown_probe import crown_probe
 
         r = crown_probe(self.model.teacher["backbone"], normalization=str(self.cfg.crops.normalization),
-                        device=self.device, seed=int(self.cfg.run.seed))
-        rec = {"iteration": self.iteration, "probe/crown_auc": r["auc"],
-               "probe/crown_balanced_accuracy": r["balanced_accuracy"]}
-        self.result.dense_probe.append(rec)
+                        device=self.device, seed=int(self.cfg.run.seed), classifier=classifier)
+        tag = "crown_knn" if classifier == "knn" else "crown"
+        rec = {"iteration": self.iteration, f"probe/{tag}_auc": r["auc"],
+               f"probe/{tag}_balanced_accuracy": r["balanced_accuracy"]}
+        (self.result.knn_probe if classifier == "knn" else self.result.dense_probe).append(rec)
         if metrics_file is not None:
-            with open(self.out / "dense_probe.jsonl", "a") as f:
+            with open(self.out / ("knn_probe.jsonl" if classifier == "knn" else "dense_probe.jsonl"), "a") as f:
                 f.write(json.dumps(rec) + "\n")
         if writer is not None:
-            writer.add_scalar("probe/crown_auc", r["auc"], self.iteration)
-            writer.add_scalar("probe/crown_balanced_accuracy", r["balanced_accuracy"], self.iteration)
-        self._log_line(f"dense probe at iteration {self.iteration}: crown AUC {r['auc']:.3f}, "
+            writer.add_scalar(f"probe/{tag}_auc", r["auc"], self.iteration)
+            writer.add_scalar(f"probe/{tag}_balanced_accuracy", r["balanced_accuracy"], self.iteration)
+        name = "k-NN probe" if classifier == "knn" else "dense probe"
+        self._log_line(f"{name} at iteration {self.iteration}: crown AUC {r['auc']:.3f}, "
                        f"balanced accuracy {r['balanced_accuracy']:.3f}")
 
     def _pca_picture(self) -> None:
@@ -470,9 +476,10 @@ class Trainer:
         if self.iteration == 0 and self.cfg.evaluation.pca_every_checkpoint:
             self._pca_picture()  # "before" picture (random init)
         probe_every = cfg.evaluation.dense_probe_every
-        if probe_every and self.fsdp:
-            raise ConfigError("evaluation.dense_probe_every is not supported with train.sharding=fsdp; probe the "
-                              "exported teacher_backbone.pth instead")
+        knn_at_ckpt = bool(cfg.evaluation.get("knn_probe_every_checkpoint", False))
+        if (probe_every or knn_at_ckpt) and self.fsdp:
+            raise ConfigError("evaluation.dense_probe_every / knn_probe_every_checkpoint are not supported with "
+                              "train.sharding=fsdp; probe the exported teacher_backbone.pth instead")
         if probe_every and self.dist.is_main and self.iteration == 0:
             self._dense_probe(writer, metrics_file)
         try:
@@ -528,6 +535,8 @@ class Trainer:
                     due = self.iteration % period == 0 and self.consecutive_nonfinite == 0
                     if due or self.iteration == self.stop_iteration:
                         self.save_checkpoint()
+                        if knn_at_ckpt and self.dist.is_main:
+                            self._dense_probe(writer, metrics_file, classifier="knn")
                     if probe_every and self.dist.is_main and self.iteration % int(probe_every) == 0:
                         self._dense_probe(writer, metrics_file)
                     if self.fault is not None:
@@ -558,6 +567,7 @@ class Trainer:
                 "collapse_warnings": self.result.collapse_warnings,
                 "skipped_inputs": getattr(self, "dataset_stats", lambda: {})(),
                 "dense_probe": self.result.dense_probe,
+                "knn_probe": self.result.knn_probe,
                 "elastic_restart_count": self.restart_count,
             }
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
